@@ -1,0 +1,163 @@
+"""Per-generation state: where the sampler is, what each call does, and the cached maps.
+
+One slot per attention layer holds the map of that layer's last compute call (paper sec. 1.2). The batch
+dimension of the map carries the CFG branches, so each branch keeps its own map (paper footnote 2).
+A compute call stores its map only when the next call reuses it; any other compute runs the model's own
+fast attention, and the cache is freed when a generation ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+COMPUTE, STORE, REUSE = "compute", "store", "reuse"
+
+
+def _scalar(timestep) -> float | None:
+    """The timestep of a denoiser call as a float (a batch of timesteps shares one value in a sampler)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])
+    return float(timestep)
+
+
+def plan_actions(bits: tuple[int, ...]) -> tuple[str, ...]:
+    """Per call: REUSE at a 0, STORE at a 1 whose next call reuses (lookahead), else COMPUTE."""
+    last = len(bits) - 1
+    return tuple(
+        REUSE if b == 0 else STORE if s < last and bits[s + 1] == 0 else COMPUTE for s, b in enumerate(bits)
+    )
+
+
+@dataclass
+class Slot:
+    """What one layer keeps between its compute call and the reuse calls that follow it."""
+
+    attn_map: torch.Tensor  # softmax(Q K^T * scale), shape (batch * heads, queries, keys)
+    output: torch.Tensor | None = None  # cross-attention only: to_out(A V), exact while the context is unchanged
+    context: torch.Tensor | None = None  # the encoder states `output` was computed from (identity-checked)
+    context_version: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.attn_map, self.output) if t is not None)
+
+
+@dataclass
+class LayerCounts:
+    computed: int = 0  # calls that computed Q K^T (stores included)
+    stored: int = 0  # of those, calls that kept the map for later reuse
+    reused: int = 0  # calls that used a cached map
+
+
+@dataclass
+class ReuseState:
+    """Step tracking and cache for one `apply_attention_reuse` handle.
+
+    A step is one call of the denoiser. A new generation starts when the scheduler's `timesteps` is a new
+    object (every pipeline call runs `set_timesteps`), when the previous generation has made all its calls,
+    or, for a bare model without a scheduler, when the timestep goes back up.
+    """
+
+    schedule: Schedule
+    get_scheduler: callable = lambda: None
+    cache_dtype: torch.dtype | None = None
+    layers: tuple[str, ...] = ()
+    plan: tuple[str, ...] = ()
+    call: int = -1
+    action: str = COMPUTE
+    generations: int = 0
+    peak_bytes: int = 0
+    slots: dict[str, Slot] = field(default_factory=dict)
+    counts: dict[str, LayerCounts] = field(default_factory=dict)
+    _timesteps_ref: object = None
+    _last_t: float | None = None
+
+    def __post_init__(self):
+        self.counts = {name: LayerCounts() for name in self.layers}
+
+    # -- step tracking --------------------------------------------------------------------------
+    def before_call(self, timestep) -> None:
+        """Called before every denoiser call: start a generation if one begins here, then pick the action."""
+        scheduler = self.get_scheduler()
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        finished = self.call + 1 >= len(self.plan)
+        if timesteps is not None:
+            if finished or timesteps is not self._timesteps_ref:
+                self._timesteps_ref = timesteps
+                self.start(self._resolve(scheduler, timesteps, timestep))
+        else:
+            t = _scalar(timestep)  # bare model: one read of the timestep per call
+            if finished or (t is not None and self._last_t is not None and t > self._last_t):
+                self.start(self.schedule.bits)
+            self._last_t = t
+        self.call += 1
+        self.action = self.plan[self.call]
+
+    def after_call(self) -> None:
+        """Called after every denoiser call: free the cache once the generation's last call is done."""
+        if self.call == len(self.plan) - 1:
+            self.free()
+
+    def start(self, bits: tuple[int, ...]) -> None:
+        self.free()
+        self.plan = plan_actions(tuple(bits))
+        self.call = -1
+        self.generations += 1
+
+    def _resolve(self, scheduler, timesteps, timestep) -> tuple[int, ...]:
+        """The schedule for this generation's model calls, from the scheduler's timesteps (checked here,
+        before the first call runs)."""
+        begin = getattr(scheduler, "begin_index", None)
+        all_ts = [float(t) for t in timesteps]
+        if begin is None:  # img2img without set_begin_index: find where this generation enters the schedule
+            t = _scalar(timestep)
+            t = all_ts[0] if t is None else t
+            begin = min(range(len(all_ts)), key=lambda i: abs(all_ts[i] - t))
+        call_ts = all_ts[begin:]
+        order = int(getattr(scheduler, "order", 1) or 1)
+        try:
+            return self.schedule.expand(len(call_ts), order).bits
+        except ValueError:
+            if self.schedule.timesteps is None:
+                raise
+        logger.info("attnreuse: moving %r from %d to %d steps by timestep", self.schedule, len(self.schedule),
+                    len(call_ts))
+        return self.schedule.for_timesteps(call_ts).bits
+
+    # -- cache ----------------------------------------------------------------------------------
+    def put(self, name: str, slot: Slot) -> None:
+        self.slots[name] = slot
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def get(self, name: str) -> Slot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise RuntimeError(
+                f"attnreuse: layer {name!r} must reuse at call {self.call} but holds no map; the layer did not "
+                "run at the compute call before it. Exclude it with layers=... or check the schedule."
+            )
+        return slot
+
+    def free(self) -> None:
+        self.slots.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.nbytes for slot in self.slots.values())
+
+    def reset(self) -> None:
+        """Forget the cache, the position in the schedule and the counts."""
+        self.free()
+        self.plan, self.call, self.action = (), -1, COMPUTE
+        self.generations, self.peak_bytes = 0, 0
+        self._timesteps_ref, self._last_t = None, None
+        self.counts = {name: LayerCounts() for name in self.layers}

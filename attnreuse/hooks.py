@@ -1,0 +1,257 @@
+"""`apply_attention_reuse`: attach a reuse schedule to a diffusers pipeline or model, and take it off again.
+
+Shaped like diffusers' cache hooks (`apply_pyramid_attention_broadcast`): a frozen config dataclass, one
+`apply_*` function, and a small stateful handle with `reset`. Processors are swapped with diffusers'
+own `set_attn_processor` on the instance; nothing else in the model is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .cache import ReuseState
+from .processors import SUPPORTED_PROCESSORS, ReuseAttnProcessor
+from .schedule import Schedule, as_schedule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper", "apply_attention_reuse",
+           "attention_layers"]
+
+_ATTENTION_KINDS = ("all", "self", "cross")
+_HANDLE_ATTR = "_attnreuse_handle"
+
+
+@dataclass(frozen=True)
+class AttentionReuseConfig:
+    """What to reuse, and when.
+
+    Args:
+        schedule (`Schedule`, list of 0/1, or str): 1 = compute, 0 = reuse, one entry per denoiser call, or per
+            sampler step for samplers that call the model twice a step (expanded, see `Schedule.expand`).
+            Strings: ``"110010"``, ``"hurry:N:R"``, or a path to a JSON file.
+        layers (`tuple[str]`, *optional*, defaults to all): layer names or glob patterns, e.g.
+            ``"up_blocks.3.*"`` or ``"mid_block.attentions.0.transformer_blocks.0.attn1"``. Each must match.
+        attention (`str`, *optional*, defaults to ``"all"``): ``"all"``, ``"self"`` or ``"cross"`` layers.
+        cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
+            (``torch.float16`` halves the cache; the paper saw no quality loss).
+    """
+
+    schedule: Schedule
+    layers: tuple[str, ...] | None = None
+    attention: str = "all"
+    cache_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", (self.layers,))
+        elif self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.attention not in _ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}.")
+        if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
+                                                 and self.cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {self.cache_dtype!r}.")
+
+
+def _find_model(target):
+    """The denoiser of a pipeline (`unet`, later `transformer`) or the model itself, and a scheduler getter."""
+    if isinstance(target, torch.nn.Module):
+        return target, (lambda: None)
+    for attr in ("unet", "transformer"):
+        model = getattr(target, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return model, (lambda: getattr(target, "scheduler", None))
+    raise TypeError(
+        f"apply_attention_reuse needs a diffusers pipeline with a `unet` or `transformer`, or a model; "
+        f"got {type(target).__name__}."
+    )
+
+
+def attention_layers(target) -> dict[str, str]:
+    """Names of the attention layers of a pipeline or model, each with ``"self"`` or ``"cross"``."""
+    model, _ = _find_model(target)
+    processors = getattr(model, "attn_processors", None)
+    if not processors:
+        raise ValueError(f"{type(model).__name__} has no diffusers attention layers, so there is nothing to reuse.")
+    names = [key.removesuffix(".processor") for key in processors]
+    return {n: "cross" if getattr(model.get_submodule(n), "is_cross_attention", False) else "self" for n in names}
+
+
+def _select(model, config: AttentionReuseConfig) -> list[str]:
+    kinds = attention_layers(model)
+    names = [n for n, kind in kinds.items() if config.attention in ("all", kind)]
+    if config.layers is not None:
+        chosen = set()
+        for pattern in config.layers:
+            hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")]
+            if not hits:
+                examples = ", ".join(repr(n) for n in names[:3])
+                raise ValueError(
+                    f"Layer filter {pattern!r} matches no {config.attention} attention layer of "
+                    f"{type(model).__name__}. Layer names look like {examples} (see attnreuse.attention_layers)."
+                )
+            chosen.update(hits)
+        names = [n for n in names if n in chosen]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no {config.attention}-attention layers to reuse.")
+    for name in names:
+        attn = model.get_submodule(name)
+        processor = attn.processor
+        if getattr(attn, "fused_projections", False):
+            raise ValueError(f"Layer {name!r} has fused QKV projections; call unfuse_qkv_projections() first.")
+        if not isinstance(processor, SUPPORTED_PROCESSORS):
+            raise ValueError(
+                f"Layer {name!r} uses {type(processor).__name__}, whose math attnreuse cannot reproduce at store and "
+                f"reuse calls. Use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]} "
+                "(e.g. model.set_attn_processor(AttnProcessor2_0())) or leave the layer out with layers=..."
+            )
+    return names
+
+
+class AttentionReuseHandle:
+    """What `apply_attention_reuse` returns: `remove()`, `reset()`, `stats()`; also a context manager."""
+
+    def __init__(self, model, config: AttentionReuseConfig, state: ReuseState, originals: dict, hooks: list):
+        self.model, self.config, self.state = model, config, state
+        self._originals, self._hooks = originals, hooks
+
+    @property
+    def layers(self) -> list[str]:
+        """The names of the layers that follow the schedule."""
+        return list(self.state.layers)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, _HANDLE_ATTR, None) is self
+
+    def reset(self) -> None:
+        """Clear the cache, the position in the schedule and the counts (the next call starts a generation)."""
+        self.state.reset()
+
+    def remove(self) -> None:
+        """Give every patched layer back the processor it had, and remove the step-tracking hooks."""
+        if not self.active:
+            return
+        processors = {key: self._originals.get(key.removesuffix(".processor"), proc)
+                      for key, proc in self.model.attn_processors.items()}
+        self.model.set_attn_processor(processors)
+        for hook in self._hooks:
+            hook.remove()
+        self.state.reset()
+        delattr(self.model, _HANDLE_ATTR)
+
+    def stats(self) -> dict:
+        """Counts per layer since apply or the last reset, and the bytes held in the cache now and at peak."""
+        state = self.state
+        kinds = attention_layers(self.model)
+        return {
+            "generations": state.generations,
+            "calls_in_generation": state.call + 1,
+            "cache_bytes": state.nbytes,
+            "peak_cache_bytes": state.peak_bytes,
+            "layers": {
+                name: {"attention": kinds[name], **vars(state.counts[name]),
+                       "cache_bytes": state.slots[name].nbytes if name in state.slots else 0}
+                for name in state.layers
+            },
+        }
+
+    def __enter__(self) -> AttentionReuseHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"AttentionReuseHandle({self.config.schedule!r}, layers={len(self.state.layers)}, active={self.active})"
+
+
+def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> AttentionReuseHandle:
+    """Reuse attention maps across denoising steps (Hunter, Dudziak et al. 2024, arXiv 2401.01008).
+
+    At a compute step each selected attention layer computes A = softmax(Q K^T * scale); at a reuse step it
+    skips Q, K and the softmax and applies the A of its last compute step to the current V.
+
+    Args:
+        target: a diffusers pipeline (its `unet` or `transformer` is patched; its scheduler tells where a
+            generation starts and how many model calls it makes) or a model such as `UNet2DConditionModel`.
+        schedule: a `Schedule`, list of 0/1, string (see `AttentionReuseConfig`), or an `AttentionReuseConfig`.
+        scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the
+            schedule counts model calls and a timestep going back up starts a new generation.
+        **options: `layers`, `attention`, `cache_dtype`, as in `AttentionReuseConfig`.
+
+    Returns:
+        `AttentionReuseHandle`: `remove()` restores the model, `reset()` clears the cache, `stats()` reports.
+
+    >>> handle = apply_attention_reuse(pipe, Schedule.hurry(20, 10))
+    >>> image = pipe("a red circle", num_inference_steps=20).images[0]
+    >>> handle.remove()
+    """
+    if isinstance(schedule, AttentionReuseConfig):
+        if options:
+            raise TypeError(f"Pass options in the AttentionReuseConfig, not both: {sorted(options)}.")
+        config = schedule
+    else:
+        config = AttentionReuseConfig(schedule, **options)
+    model, get_scheduler = _find_model(target)
+    if scheduler is not None:
+        get_scheduler = lambda: scheduler  # noqa: E731
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError("Attention reuse is already applied to this model; call handle.remove() first.")
+    names = _select(model, config)
+
+    state = ReuseState(config.schedule, get_scheduler, config.cache_dtype, tuple(names))
+    current = model.attn_processors
+    originals = {name: current[name + ".processor"] for name in names}
+    patched = {key: ReuseAttnProcessor(key.removesuffix(".processor"), proc, state)
+               if key.removesuffix(".processor") in originals else proc for key, proc in current.items()}
+    model.set_attn_processor(patched)
+
+    def before(module, args, kwargs):
+        state.before_call(args[1] if len(args) > 1 else kwargs.get("timestep"))
+
+    def after(module, args, output):
+        state.after_call()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+    handle = AttentionReuseHandle(model, config, state, originals, hooks)
+    setattr(model, _HANDLE_ATTR, handle)
+    logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
+    return handle
+
+
+class AttentionReuseHelper:
+    """DeepCache-style helper over `apply_attention_reuse`: ``set_params``, ``enable``, ``disable``.
+
+    >>> helper = AttentionReuseHelper(pipe)
+    >>> helper.set_params(schedule="hurry:20:10")
+    >>> helper.enable(); image = pipe(prompt, num_inference_steps=20).images[0]; helper.disable()
+    """
+
+    def __init__(self, pipe):
+        self.pipe, self.params, self.handle = pipe, None, None
+
+    def set_params(self, schedule, **options) -> None:
+        self.params = AttentionReuseConfig(schedule, **options)  # validated now, not at enable()
+        if self.handle is not None:
+            self.disable()
+            self.enable()
+
+    def enable(self) -> AttentionReuseHandle:
+        if self.params is None:
+            raise ValueError("Call set_params(schedule=...) before enable().")
+        if self.handle is not None:
+            raise ValueError("Attention reuse is already enabled; call disable() first.")
+        self.handle = apply_attention_reuse(self.pipe, self.params)
+        return self.handle
+
+    def disable(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -1,0 +1,186 @@
+"""Reuse schedules: which denoiser calls recompute attention maps and which reuse the cached ones.
+
+A schedule is the paper's binary vector pi (Hunter, Dudziak et al. 2024, arXiv 2401.01008, sec. 2):
+entry s is 1 when call s computes its maps and 0 when it reuses the map of the last compute call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["Schedule", "as_schedule"]
+
+
+class Schedule:
+    """A binary per-step reuse schedule, 1 = compute, 0 = reuse (the paper's pi).
+
+    Args:
+        bits (`Sequence[int]` or `str`): one entry per sampler step, e.g. ``[1, 1, 0, 0, 1, 0]`` or ``"110010"``.
+        timesteps (`Sequence[float]`, *optional*): the timesteps (0-1000) the steps ran at. A schedule that
+            carries its timesteps can be moved to another sampler or step count with `for_timesteps`,
+            which `apply_attention_reuse` does by itself when the lengths do not match.
+        meta (`dict`, *optional*): free-form metadata (how it was found, PSNR reached, ...), kept in JSON.
+
+    >>> Schedule.hurry(6, 2)
+    Schedule('111100')
+    """
+
+    __slots__ = ("bits", "timesteps", "meta")
+
+    def __init__(self, bits: Sequence[int] | str, timesteps: Sequence[float] | None = None, meta: dict | None = None):
+        if isinstance(bits, Schedule):
+            timesteps = bits.timesteps if timesteps is None else timesteps
+            meta = bits.meta if meta is None else meta
+            bits = bits.bits
+        if isinstance(bits, str):
+            bits = [int(c) if c in "01" else c for c in bits]
+        bits = tuple(bits)
+        if not bits:
+            raise ValueError("A schedule needs at least one step; got an empty schedule.")
+        bad = [(i, b) for i, b in enumerate(bits) if isinstance(b, bool) or b not in (0, 1)]
+        if bad:
+            i, b = bad[0]
+            raise ValueError(f"Schedule entries must be 1 (compute) or 0 (reuse); entry {i} is {b!r}.")
+        if bits[0] != 1:
+            raise ValueError(
+                "The first step of a schedule must compute (1): there is no attention map to reuse before it."
+            )
+        self.bits: tuple[int, ...] = tuple(int(b) for b in bits)
+        if timesteps is not None:
+            timesteps = tuple(float(t) for t in timesteps)
+            if len(timesteps) != len(self.bits):
+                raise ValueError(
+                    f"A schedule of {len(self.bits)} steps needs {len(self.bits)} timesteps, got {len(timesteps)}."
+                )
+        self.timesteps: tuple[float, ...] | None = timesteps
+        self.meta: dict = dict(meta or {})
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def hurry(cls, num_steps: int, reuse_steps: int) -> Schedule:
+        """HURRY (paper sec. 2.1): compute the first N - r steps, reuse the last r."""
+        if not 0 <= reuse_steps < num_steps:
+            raise ValueError(
+                f"HURRY needs 0 <= reuse_steps < num_steps (the first step must compute); "
+                f"got num_steps={num_steps}, reuse_steps={reuse_steps}."
+            )
+        return cls([1] * (num_steps - reuse_steps) + [0] * reuse_steps, meta={"strategy": "hurry"})
+
+    @classmethod
+    def all_compute(cls, num_steps: int) -> Schedule:
+        """No reuse at all: every step computes (the reference)."""
+        return cls([1] * num_steps)
+
+    @classmethod
+    def from_json(cls, data: str | dict | Path) -> Schedule:
+        """Read a schedule from a JSON string, a dict, or a path to a JSON file."""
+        if isinstance(data, Path) or (isinstance(data, str) and not data.lstrip().startswith(("{", "["))):
+            data = Path(data).read_text()
+        if isinstance(data, str):
+            data = json.loads(data)
+        if isinstance(data, list):
+            return cls(data)
+        if not isinstance(data, dict) or "schedule" not in data:
+            raise ValueError("A schedule JSON must be a list of 0/1 or an object with a 'schedule' key.")
+        return cls(data["schedule"], data.get("timesteps"), data.get("meta"))
+
+    # -- views ----------------------------------------------------------------------------------
+    def to_json(self, path: str | Path | None = None, indent: int | None = None) -> str:
+        """The schedule as JSON (``{"schedule": [...], "timesteps": [...], "meta": {...}}``); written to `path` if given."""
+        text = json.dumps({"schedule": list(self.bits), "timesteps": self.timesteps and list(self.timesteps),
+                           "meta": self.meta}, indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __iter__(self):
+        return iter(self.bits)
+
+    def __getitem__(self, index):
+        return self.bits[index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Schedule):
+            return self.bits == other.bits
+        if isinstance(other, (list, tuple)):
+            return self.bits == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.bits)
+
+    def __repr__(self) -> str:
+        return f"Schedule('{''.join(map(str, self.bits))}')"
+
+    @property
+    def num_reuse(self) -> int:
+        return len(self.bits) - sum(self.bits)
+
+    # -- moving a schedule between samplers ----------------------------------------------------------
+    def at_timesteps(self, timesteps: Iterable[float]) -> Schedule:
+        """The same schedule, recording the timesteps (0-1000) its steps run at."""
+        return Schedule(self.bits, [float(t) for t in timesteps], self.meta)
+
+    def for_timesteps(self, timesteps: Iterable[float]) -> Schedule:
+        """Resolve this schedule on another list of timesteps: each new step takes the entry of the nearest
+        recorded timestep. This is how the paper moves a schedule between DDIM and DPM-Solver++ (sec. 3.1)."""
+        if self.timesteps is None:
+            raise ValueError(
+                f"{self!r} has no timesteps, so it cannot be moved to other timesteps; "
+                "record them first with schedule.at_timesteps(scheduler.timesteps)."
+            )
+        timesteps = [float(t) for t in timesteps]
+        bits = [self.bits[min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))] for t in timesteps]
+        if bits and bits[0] != 1:
+            bits[0] = 1  # the nearest source step of the first new step may be a reuse; nothing is cached yet
+        return Schedule(bits, timesteps, dict(self.meta, moved_from=len(self)))
+
+    def expand(self, num_calls: int, order: int = 1) -> Schedule:
+        """Expand a schedule of N sampler steps to the model calls of a sampler of the given `order`.
+
+        Second-order samplers (Heun, DPM2) call the model twice per step except the last step, so they make
+        ``order * (N - 1) + 1`` calls; every call of step i follows entry i of the schedule.
+        """
+        n = len(self.bits)
+        if num_calls == n:
+            return self
+        if order > 1 and num_calls == order * (n - 1) + 1:
+            return Schedule([self.bits[min(c // order, n - 1)] for c in range(num_calls)], meta=self.meta)
+        raise ValueError(self._length_error(num_calls, order))
+
+    def _length_error(self, num_calls: int, order: int) -> str:
+        accepted = f"{num_calls}"
+        if order > 1 and (num_calls - 1) % order == 0:
+            accepted += f" (one per model call) or {(num_calls - 1) // order + 1} (one per sampler step)"
+        return (
+            f"The schedule has {len(self.bits)} entries but this generation makes {num_calls} denoiser calls; "
+            f"expected a schedule of length {accepted}. Build it for the number of inference steps you run "
+            "(for img2img, the steps left after `strength`), or record its timesteps with "
+            "Schedule.at_timesteps(...) so that it can be moved to other timesteps."
+        )
+
+
+def as_schedule(value) -> Schedule:
+    """Accept a `Schedule`, a list of 0/1, a bit string like ``"110010"``, ``"hurry:N:R"`` or a JSON file path."""
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, str):
+        if value.startswith("hurry:"):
+            try:
+                _, n, r = value.split(":")
+                return Schedule.hurry(int(n), int(r))
+            except ValueError as err:
+                if "HURRY" in str(err):
+                    raise
+                raise ValueError(f"Expected 'hurry:NUM_STEPS:REUSE_STEPS', got {value!r}.") from None
+        if value.endswith(".json"):
+            return Schedule.from_json(Path(value))
+        return Schedule(value)
+    if isinstance(value, (list, tuple)):
+        return Schedule(value)
+    raise TypeError(f"Cannot make a schedule from {type(value).__name__}; pass a Schedule, a list of 0/1 or a string.")

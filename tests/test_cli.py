@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+
+from attnreuse.cli import main
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "attnreuse", "--help"], capture_output=True, text=True, check=True)
+    assert "speed" in out.stdout and "attention maps" in out.stdout
+
+
+def test_speed_comparison_on_a_local_pipeline(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    rc = main(["speed", "--model", "tiny-sd", "--steps", "4", "--reuse", "2", "--repeats", "2", "--quiet",
+               "--device", "cpu", "--json", str(path)])
+    assert rc == 0
+    result = json.loads(path.read_text())
+    assert result["schedule"] == "Schedule('1100')" and result["steps"] == 4
+    assert len(result["full_times_s"]) == len(result["reuse_times_s"]) == 2
+    assert result["speedup"] == result["full_s"] / result["reuse_s"] > 0
+    assert result["peak_cache_mib"] > 0 and result["psnr_db"] > 20
+    assert result["device"].startswith("CPU")
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bad_schedule_on_the_command_line_is_a_clear_error(capsys):
+    assert main(["speed", "--model", "tiny-sd", "--steps", "4", "--schedule", "0110", "--quiet"]) == 2
+    assert "first step of a schedule must compute" in capsys.readouterr().err
+    assert main(["speed", "--model", "tiny-sd", "--steps", "4", "--schedule", "110", "--quiet"]) == 2
+    assert "expected a schedule of length 4" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Bad input gets a clear error that names the problem, before any sampling."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from attnreuse import Schedule, apply_attention_reuse, attention_layers
+from attnreuse.sampling import use_sampler
+from conftest import STEPS, CallCounter, attention_modules, run
+
+
+def test_wrong_length_is_refused_before_any_sampling(sd_pipe):
+    steps_run = []
+    q = CallCounter([(n, m.to_q) for n, m in attention_modules(sd_pipe)])
+    with apply_attention_reuse(sd_pipe, Schedule.hurry(STEPS + 2, 3)):
+        with pytest.raises(ValueError, match=f"has {STEPS + 2} entries but this generation makes {STEPS} denoiser "
+                                             f"calls; expected a schedule of length {STEPS}"):
+            run(sd_pipe, callback_on_step_end=lambda p, i, t, kw: steps_run.append(i) or kw)
+        assert steps_run == [] and q.values() == {0}
+        run(sd_pipe, steps=STEPS + 2)  # the same handle works once the step count matches
+
+
+def test_wrong_length_for_heun_names_both_accepted_lengths(sd_pipe):
+    use_sampler(sd_pipe, "heun")
+    with apply_attention_reuse(sd_pipe, Schedule("1110")):
+        with pytest.raises(ValueError, match=r"length 11 \(one per model call\) or 6 \(one per sampler step\)"):
+            run(sd_pipe)
+
+
+def test_target_without_attention_layers():
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None,
+                                cross_attention_dim=32, norm_num_groups=16)
+    with pytest.raises(ValueError, match="UNet2DConditionModel has no diffusers attention layers"):
+        apply_attention_reuse(unet, "hurry:4:2")
+    with pytest.raises(ValueError, match="Linear has no diffusers attention layers"):
+        apply_attention_reuse(torch.nn.Linear(2, 2), "hurry:4:2")
+    with pytest.raises(TypeError, match="needs a diffusers pipeline with a `unet` or `transformer`"):
+        apply_attention_reuse("runwayml/stable-diffusion-v1-5", "hurry:4:2")
+
+
+def test_layer_filters_that_match_nothing(sd_pipe):
+    with pytest.raises(ValueError, match=r"Layer filter 'up_blocks\.9\.\*' matches no all attention layer"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", layers=["up_blocks.*", "up_blocks.9.*"])
+    with pytest.raises(ValueError, match="Layer filter 'down_blocks.0.attentions.0.attn1' matches no"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", layers="down_blocks.0.attentions.0.attn1")
+    cross = next(n for n, kind in attention_layers(sd_pipe).items() if kind == "cross")
+    with pytest.raises(ValueError, match="matches no self attention layer"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", layers=[cross], attention="self")
+    assert not isinstance(sd_pipe.unet.attn_processors[cross + ".processor"], type(None))
+    assert not hasattr(sd_pipe.unet, "_attnreuse_handle")  # nothing was patched
+
+
+def test_bad_options(sd_pipe):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", attention="both-ways")
+    with pytest.raises(ValueError, match="cache_dtype must be a floating torch.dtype"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", cache_dtype=torch.int8)
+    with pytest.raises(ValueError, match="first step of a schedule must compute"):
+        apply_attention_reuse(sd_pipe, [0, 1, 1])
+    with pytest.raises(ValueError, match="entry 2 is 3"):
+        apply_attention_reuse(sd_pipe, [1, 0, 3])
+    with pytest.raises(TypeError, match="not both"):
+        from attnreuse import AttentionReuseConfig
+        apply_attention_reuse(sd_pipe, AttentionReuseConfig("hurry:4:2"), attention="self")
+
+
+def test_double_apply_is_refused(sd_pipe):
+    with apply_attention_reuse(sd_pipe, "hurry:4:2"):
+        with pytest.raises(ValueError, match="already applied to this model; call handle.remove"):
+            apply_attention_reuse(sd_pipe, "hurry:4:2")
+    apply_attention_reuse(sd_pipe, "hurry:4:2").remove()  # fine once removed
+
+
+def test_unsupported_processor_and_fused_projections(sd_pipe):
+    class MyProcessor:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+            return hidden_states
+
+    name = next(iter(attention_layers(sd_pipe)))
+    sd_pipe.unet.get_submodule(name).set_processor(MyProcessor())
+    with pytest.raises(ValueError, match=f"Layer '{name}' uses MyProcessor"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2")
+    with apply_attention_reuse(sd_pipe, "hurry:4:2", layers=["up_blocks.*"]) as handle:  # leave it out
+        assert name not in handle.layers
+    sd_pipe.unet.set_attn_processor(AttnProcessor2_0())
+    sd_pipe.unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="fused QKV projections; call unfuse_qkv_projections"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2")
+
+
+def test_batch_change_within_a_generation_is_an_error_not_a_wrong_image(sd_pipe):
+    unet = sd_pipe.unet
+    x = torch.randn(2, 4, 16, 16)
+    context = torch.randn(2, 77, 32)
+    with apply_attention_reuse(unet, "100"), torch.no_grad():
+        unet(x, 900, encoder_hidden_states=context)
+        with pytest.raises(RuntimeError, match="changed within one generation"):
+            unet(torch.randn(4, 4, 16, 16), 800, encoder_hidden_states=torch.randn(4, 77, 32))
