@@ -117,7 +117,7 @@ class ReuseState:
         """The schedule for this generation's model calls, from the scheduler's timesteps (checked here,
         before the first call runs)."""
         begin = getattr(scheduler, "begin_index", None)
-        all_ts = [float(t) for t in timesteps]
+        all_ts = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]  # one sync
         if begin is None:  # img2img without set_begin_index: find where this generation enters the schedule
             t = _scalar(timestep)
             t = all_ts[0] if t is None else t

@@ -8,6 +8,7 @@ own `set_attn_processor` on the instance; nothing else in the model is touched.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -213,8 +214,14 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
                if key.removesuffix(".processor") in originals else proc for key, proc in current.items()}
     model.set_attn_processor(patched)
 
+    params = list(inspect.signature(model.forward).parameters)
+    t_index = params.index("timestep") if "timestep" in params else None
+
     def before(module, args, kwargs):
-        state.before_call(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        timestep = kwargs.get("timestep")
+        if timestep is None and t_index is not None and len(args) > t_index:
+            timestep = args[t_index]
+        state.before_call(timestep)
 
     def after(module, args, output):
         state.after_call()

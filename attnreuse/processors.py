@@ -24,6 +24,8 @@ SUPPORTED_PROCESSORS: tuple[type, ...] = tuple(
     if hasattr(ap, name)
 )
 
+_DEFAULT_SCALE = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "AttnProcessorNPU") if hasattr(ap, n))
+
 
 def _enter(attn, hidden_states: torch.Tensor, temb):
     """Input side of a diffusers attention layer: spatial norm, 4-D to tokens, group norm."""
@@ -63,6 +65,23 @@ def _heads(attn, x: torch.Tensor, norm=None) -> torch.Tensor:
     return norm(x) if norm is not None else x
 
 
+def _attention_map(attn, query: torch.Tensor, key: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """softmax(Q K^T * scale + mask) as diffusers' `Attention.get_attention_scores` (upcasting included), but
+    with the scale the layer's own processor applies."""
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if mask is None:
+        mask, beta = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype,
+                                 device=query.device), 0
+    else:
+        beta = 1
+    scores = torch.baddbmm(mask, query, key.transpose(-1, -2), beta=beta, alpha=scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
+
+
 def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
     out = attn.batch_to_head_dim(out)
     return attn.to_out[1](attn.to_out[0](out))
@@ -82,6 +101,10 @@ class ReuseAttnProcessor:
         self.name = name
         self.original = original
         self.state = state
+        # follow the conventions of the processor being replaced: diffusers' SDPA processors scale by
+        # 1/sqrt(head_dim) whatever attn.scale says, and only AttnProcessor2_0 applies the QK norms
+        self._scale_default = isinstance(original, _DEFAULT_SCALE)
+        self._qk_norm = isinstance(original, ap.AttnProcessor2_0)
         params = inspect.signature(original.__call__).parameters
         self._original_kwargs = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
@@ -103,10 +126,11 @@ class ReuseAttnProcessor:
         batch, queries, _ = hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        query = _heads(attn, attn.to_q(hidden_states), attn.norm_q)
-        key = _heads(attn, attn.to_k(context), attn.norm_k)
+        query = _heads(attn, attn.to_q(hidden_states), attn.norm_q if self._qk_norm else None)
+        key = _heads(attn, attn.to_k(context), attn.norm_k if self._qk_norm else None)
         value = _heads(attn, attn.to_v(context))
-        attn_map = attn.get_attention_scores(query, key, attention_mask)  # scale, mask, upcasting as diffusers
+        scale = query.shape[-1] ** -0.5 if self._scale_default else attn.scale
+        attn_map = _attention_map(attn, query, key, attention_mask, scale)
         out = _project_out(attn, torch.bmm(attn_map, value))
         dtype = self.state.cache_dtype or attn_map.dtype
         slot = Slot(attn_map.to(dtype))

@@ -1,0 +1,115 @@
+"""Every feature of diffusers' Attention layer, at store and reuse calls, against math written out here."""
+
+import pytest
+import torch
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from attnreuse import Schedule, apply_attention_reuse
+
+
+class OneLayer(torch.nn.Module, AttentionMixin):
+    """A model holding one diffusers Attention layer (no timestep: generations are counted by length)."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.attn = Attention(**kwargs)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        extra = {} if temb is None else {"temb": temb}
+        return self.attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                         **extra)
+
+
+def reference(attn, x_map, x_now, ctx_map=None, ctx_now=None, mask=None, temb_map=None, temb_now=None, scale=None,
+              qk_norm=True):
+    """diffusers' attention math, written out: A from the map call's inputs, V from the current call's."""
+    def prepare(x, temb):
+        if attn.spatial_norm is not None:
+            x = attn.spatial_norm(x, temb)
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        return x
+
+    def context(x, ctx):
+        if ctx is None:
+            return x
+        return attn.norm_cross(ctx) if attn.norm_cross is not None else ctx
+
+    def heads(t, norm=None):
+        t = t.reshape(t.shape[0], t.shape[1], attn.heads, -1).transpose(1, 2)
+        return norm(t) if norm is not None else t
+
+    h_map, h_now = prepare(x_map, temb_map), prepare(x_now, temb_now)
+    q = heads(attn.to_q(h_map), attn.norm_q if qk_norm else None).double()
+    k = heads(attn.to_k(context(h_map, ctx_map)), attn.norm_k if qk_norm else None).double()
+    v = heads(attn.to_v(context(h_now, ctx_now))).double()
+    logits = q @ k.transpose(-1, -2) * (attn.scale if scale is None else scale)
+    if mask is not None:
+        logits = logits + mask[:, None].double()  # (batch, 1, keys) -> (batch, heads, queries, keys)
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).flatten(2).float()
+    out = attn.to_out[1](attn.to_out[0](out))
+    if x_now.ndim == 4:
+        out = out.transpose(1, 2).reshape(x_now.shape)
+    if attn.residual_connection:
+        out = out + x_now
+    return out / attn.rescale_output_factor
+
+
+CASES = {
+    # VAE-style: 4-D input, group norm, residual connection, rescale factor, upcast softmax
+    "vae": (dict(query_dim=32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True,
+                 rescale_output_factor=2.0, upcast_softmax=True, bias=True), dict(x=(2, 32, 4, 4))),
+    # MoVQ-style: spatial norm conditioned on temb
+    "spatial": (dict(query_dim=32, heads=2, dim_head=16, spatial_norm_dim=4, residual_connection=True),
+                dict(x=(2, 32, 4, 4), temb=(2, 4, 2, 2))),
+    # cross-attention with a layer-normed context and a padding mask
+    "cross": (dict(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, cross_attention_norm="layer_norm"),
+              dict(x=(2, 16, 32), ctx=(2, 7, 24), mask=True)),
+    # QK norm and a non-default scale (scale_qk=False means scale 1)
+    "qknorm": (dict(query_dim=32, heads=4, dim_head=8, qk_norm="layer_norm", scale_qk=False), dict(x=(2, 16, 32))),
+}
+
+
+@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_store_and_reuse_calls_against_written_out_math(case, processor):
+    torch.manual_seed(0)
+    options, shapes = CASES[case]
+    model = OneLayer(**options).eval()
+    model.attn.set_processor(processor())
+    attn = model.attn
+    # diffusers' own processors differ: SDPA ignores attn.scale, and only AttnProcessor2_0 applies QK norms
+    sdpa = processor is AttnProcessor2_0
+    scale = (attn.inner_dim // attn.heads) ** -0.5 if sdpa else None
+    calls = []
+    for _ in range(4):
+        call = {"hidden_states": torch.randn(shapes["x"])}
+        if "temb" in shapes:
+            call["temb"] = torch.randn(shapes["temb"])
+        if "ctx" in shapes:
+            call["encoder_hidden_states"] = torch.randn(shapes["ctx"])
+        if shapes.get("mask"):
+            mask = torch.zeros(shapes["x"][0], 1, shapes["ctx"][1])  # as the UNet passes encoder_attention_mask
+            mask[..., -2:] = -10000.0  # the last two context tokens are padding
+            call["attention_mask"] = mask
+        calls.append(call)
+    calls[1]["encoder_hidden_states"] = calls[0].get("encoder_hidden_states")  # same context object: output cache
+    with torch.no_grad():
+        unpatched = [model(**c) for c in calls]
+        with apply_attention_reuse(model, Schedule("1001")) as handle:  # store, reuse, reuse, compute
+            patched = [model(**c) for c in calls]
+            counts = handle.stats()["layers"]["attn"]
+        assert counts == {"attention": counts["attention"], "computed": 2, "stored": 1, "reused": 2,
+                          "cache_bytes": 0}
+        # call 0 stores: explicit softmax map, same result as the layer's own processor
+        torch.testing.assert_close(patched[0], unpatched[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patched[3], unpatched[3], rtol=0, atol=0)  # plain compute: the own processor
+        for i in (1, 2):  # reuse: A of call 0, V of call i
+            expected = reference(attn, calls[0]["hidden_states"], calls[i]["hidden_states"],
+                                 calls[0].get("encoder_hidden_states"), calls[i].get("encoder_hidden_states"),
+                                 calls[0].get("attention_mask"), calls[0].get("temb"), calls[i].get("temb"), scale, sdpa)
+            torch.testing.assert_close(patched[i], expected, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(patched[i], unpatched[i], atol=1e-4)  # and it is not a fresh computation
