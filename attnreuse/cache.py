@@ -63,8 +63,8 @@ class ReuseState:
     """Step tracking and cache for one `apply_attention_reuse` handle.
 
     A step is one call of the denoiser. A new generation starts when the scheduler's `timesteps` is a new
-    object (every pipeline call runs `set_timesteps`), when the previous generation has made all its calls,
-    or, for a bare model without a scheduler, when the timestep goes back up.
+    object (every pipeline call runs `set_timesteps`), when the previous generation has made all its calls
+    or its pipeline call has returned, or, for a bare model without a scheduler, when the timestep goes back up.
     """
 
     schedule: Schedule
@@ -80,6 +80,7 @@ class ReuseState:
     counts: dict[str, LayerCounts] = field(default_factory=dict)
     _timesteps_ref: object = None
     _last_t: float | None = None
+    _ended: bool = False
 
     def __post_init__(self):
         self.counts = {name: LayerCounts() for name in self.layers}
@@ -89,7 +90,7 @@ class ReuseState:
         """Called before every denoiser call: start a generation if one begins here, then pick the action."""
         scheduler = self.get_scheduler()
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
-        finished = self.call + 1 >= len(self.plan)
+        finished = self._ended or self.call + 1 >= len(self.plan)
         if timesteps is not None:
             if finished or timesteps is not self._timesteps_ref:
                 self._timesteps_ref = timesteps
@@ -107,10 +108,16 @@ class ReuseState:
         if self.call == len(self.plan) - 1:
             self.free()
 
+    def end_generation(self) -> None:
+        """The pipeline call is over (it may have stopped early: `denoising_end`, an interrupt): free the cache."""
+        self.free()
+        self._ended = True
+
     def start(self, bits: tuple[int, ...]) -> None:
         self.free()
         self.plan = plan_actions(tuple(bits))
         self.call = -1
+        self._ended = False
         self.generations += 1
 
     def _resolve(self, scheduler, timesteps, timestep) -> tuple[int, ...]:
@@ -159,5 +166,5 @@ class ReuseState:
         self.free()
         self.plan, self.call, self.action = (), -1, COMPUTE
         self.generations, self.peak_bytes = 0, 0
-        self._timesteps_ref, self._last_t = None, None
+        self._timesteps_ref, self._last_t, self._ended = None, None, False
         self.counts = {name: LayerCounts() for name in self.layers}

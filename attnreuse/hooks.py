@@ -25,6 +25,7 @@ __all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper
 
 _ATTENTION_KINDS = ("all", "self", "cross")
 _HANDLE_ATTR = "_attnreuse_handle"
+_END_OF_CALL = "maybe_free_model_hooks"  # every diffusers pipeline calls it once, at the end of __call__
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _find_model(target):
     for attr in ("unet", "transformer"):
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
-            return model, (lambda: getattr(target, "scheduler", None))
+            return model, (lambda: getattr(target, "scheduler", None))  # looked up per call: users swap schedulers
     raise TypeError(
         f"apply_attention_reuse needs a diffusers pipeline with a `unet` or `transformer`, or a model; "
         f"got {type(target).__name__}."
@@ -118,9 +119,10 @@ def _select(model, config: AttentionReuseConfig) -> list[str]:
 class AttentionReuseHandle:
     """What `apply_attention_reuse` returns: `remove()`, `reset()`, `stats()`; also a context manager."""
 
-    def __init__(self, model, config: AttentionReuseConfig, state: ReuseState, originals: dict, hooks: list):
+    def __init__(self, model, config: AttentionReuseConfig, state: ReuseState, originals: dict, hooks: list,
+                 pipeline=None):
         self.model, self.config, self.state = model, config, state
-        self._originals, self._hooks = originals, hooks
+        self._originals, self._hooks, self._pipeline = originals, hooks, pipeline
 
     @property
     def layers(self) -> list[str]:
@@ -144,6 +146,8 @@ class AttentionReuseHandle:
         self.model.set_attn_processor(processors)
         for hook in self._hooks:
             hook.remove()
+        if self._pipeline is not None:
+            self._pipeline.__dict__.pop(_END_OF_CALL, None)
         self.state.reset()
         delattr(self.model, _HANDLE_ATTR)
 
@@ -227,7 +231,17 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
         state.after_call()
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
-    handle = AttentionReuseHandle(model, config, state, originals, hooks)
+    pipeline = None if isinstance(target, torch.nn.Module) else target
+    if pipeline is not None and callable(getattr(pipeline, _END_OF_CALL, None)):
+        end_of_call = getattr(pipeline, _END_OF_CALL)
+
+        def free_then_end_of_call(*args, **kwargs):  # a generation that stopped early frees its cache too
+            state.end_generation()
+            return end_of_call(*args, **kwargs)
+        setattr(pipeline, _END_OF_CALL, free_then_end_of_call)  # on the instance only, undone by remove()
+    else:
+        pipeline = None
+    handle = AttentionReuseHandle(model, config, state, originals, hooks, pipeline)
     setattr(model, _HANDLE_ATTR, handle)
     logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
     return handle

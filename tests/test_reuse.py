@@ -320,3 +320,16 @@ def test_schedule_with_timesteps_moves_to_another_step_count(sd_pipe):
     with apply_attention_reuse(sd_pipe, Schedule("111010")):  # without timesteps a length mismatch is an error
         with pytest.raises(ValueError, match="has 6 entries"):
             run(sd_pipe, steps=2 * STEPS)
+
+
+def test_a_generation_that_stops_early_frees_its_cache(sdxl_pipe):
+    """SDXL's denoising_end stops the loop before the scheduler's last timestep; the pipeline call's end frees."""
+    unet = CallCounter([("unet", sdxl_pipe.unet)])
+    with apply_attention_reuse(sdxl_pipe, Schedule("110000")) as handle:
+        run(sdxl_pipe, denoising_end=0.5)
+        assert 2 <= unet.counts["unet"] < STEPS and handle.stats()["cache_bytes"] == 0
+        assert handle.stats()["peak_cache_bytes"] > 0
+        first, second = run(sdxl_pipe), run(sdxl_pipe)
+        assert handle.stats()["generations"] == 3
+    np.testing.assert_array_equal(first, second)
+    assert "maybe_free_model_hooks" not in vars(sdxl_pipe)  # the instance wrapper is gone after remove()
