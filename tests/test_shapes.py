@@ -1,0 +1,102 @@
+"""The shapes data set and the faithfulness checker."""
+
+import numpy as np
+import pytest
+
+from attnreuse.faithfulness import check, find_objects
+from attnreuse.shapes import (COLORS, IMAGE_SIZE, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, Shape, caption,
+                              parse_caption, render, sample)
+
+
+def test_data_set_is_deterministic_and_well_formed():
+    image, text, scene = sample(7, 123)
+    image2, text2, _ = sample(7, 123)
+    assert text == text2 and np.array_equal(image, image2)
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
+    assert image[0, 0].min() >= 232 and len(set(image[0, 0])) == 1  # plain light gray/white background
+    seen_words = set()
+    for i in range(400):
+        image, text, scene = sample(0, i)
+        seen_words.update(text.split())
+        assert parse_caption(text)["objects"][0]["color"] == scene.shapes[0].color
+        if len(scene.shapes) == 2:
+            a, b = scene.shapes
+            assert a.color != b.color
+            assert np.hypot(a.cx - b.cx, a.cy - b.cy) > a.r + b.r  # no overlap
+    for word in [*COLORS, *SHAPES, *SIZES, "left", "right", "top", "bottom", "center", "above", "below"]:
+        assert word in seen_words
+
+
+def test_caption_grammar():
+    assert parse_caption("a red circle") == {
+        "objects": [{"size": None, "color": "red", "shape": "circle"}], "position": None, "relation": None}
+    spec = parse_caption("a small blue triangle left of a large green square")
+    assert spec["relation"] == "left of" and [o["size"] for o in spec["objects"]] == ["small", "large"]
+    assert parse_caption("a yellow square in the center")["position"] == "in the center"
+    for bad in ("a red", "a pink circle", "two red circles", "a red circle near a blue square"):
+        with pytest.raises(ValueError, match="not in the grammar"):
+            parse_caption(bad)
+
+
+def test_checker_is_right_on_every_ground_truth_render():
+    failures = []
+    for i in range(1500):
+        image, text, _ = sample(1, i)
+        result = check(image, text)
+        if not result["ok"]:
+            failures.append((i, text, {k: v for k, v in result.items() if k != "objects"}))
+    assert failures == []
+
+
+def _scene(*shapes, position=None, relation=None):
+    return Scene(tuple(shapes), 245, position=position, relation=relation)
+
+
+@pytest.mark.parametrize("wrong_caption, part", [
+    ("a blue circle on the left", "color"),
+    ("a red square on the left", "shape"),
+    ("a red triangle on the left", "shape"),
+    ("a large red circle on the left", "size"),
+    ("a red circle on the right", "position"),
+    ("a red circle in the center", "position"),
+])
+def test_checker_catches_wrong_one_shape_captions(wrong_caption, part):
+    image = render(_scene(Shape("circle", "red", 12, 32, 6, "small"), position="on the left"))
+    assert check(image, "a small red circle on the left")["ok"]
+    result = check(image, wrong_caption)
+    assert result[part] is False and not result["ok"]
+
+
+@pytest.mark.parametrize("wrong_caption, part", [
+    ("a green square right of a purple triangle", "relation"),
+    ("a green square above a purple triangle", "relation"),
+    ("a purple triangle left of a green square", "relation"),
+    ("a green square left of a purple circle", "shape"),
+    ("a green square left of a orange triangle", "color"),
+    ("a green square", "count"),
+])
+def test_checker_catches_wrong_two_shape_captions(wrong_caption, part):
+    image = render(_scene(Shape("square", "green", 16, 30, 10), Shape("triangle", "purple", 46, 34, 9),
+                          relation="left of"))
+    assert check(image, "a green square left of a purple triangle")["ok"]
+    result = check(image, wrong_caption)
+    assert result[part] is False and not result["ok"]
+
+
+def test_checker_on_noise_and_blank_images():
+    blank = np.full((64, 64, 3), 250, np.uint8)
+    assert find_objects(blank) == []
+    assert not check(blank, "a red circle")["ok"]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not check(noise, "a red circle")["ok"]
+    floats = sample(0, 3)[0].astype(np.float32) / 255  # floats in [0, 1] work as uint8 does
+    assert check(floats, sample(0, 3)[1])["ok"]
+
+
+def test_every_position_and_relation_is_rendered_as_captioned():
+    rng_items = [sample(5, i) for i in range(600)]
+    positions = {s.position for _, _, s in rng_items if s.position}
+    relations = {s.relation for _, _, s in rng_items if s.relation}
+    assert positions == set(POSITIONS) and relations == set(RELATIONS)
+    assert all(caption(s) == t for _, t, s in rng_items)
