@@ -1,10 +1,12 @@
-"""The `attnreuse` command line. Sub-commands: `speed` (more come with later issues)."""
+"""The `attnreuse` command line: `generate`, `speed`, `train-default`, `evaluate-default`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+import numpy as np
 
 __all__ = ["main"]
 
@@ -62,6 +64,71 @@ def _speed(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    """One prompt with and without reuse on the default model (or any diffusers model); times both."""
+    import time
+
+    start = time.perf_counter()
+    import torch
+
+    from . import apply_attention_reuse
+    from .default_model import DEFAULT_GUIDANCE, load_default_pipeline
+    from .metrics import psnr
+    from .sampling import load_pipeline, timed, use_sampler
+    from .schedule import as_schedule
+
+    schedule = as_schedule(args.schedule or f"hurry:{args.steps // 2}", num_steps=args.steps)  # fail fast
+    pipe = load_default_pipeline(device=args.device) if args.model is None else load_pipeline(args.model, args.device)
+    use_sampler(pipe, args.sampler)
+    guidance = DEFAULT_GUIDANCE if args.guidance is None and args.model is None else (args.guidance or 7.5)
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="pil")
+    if args.size:
+        kwargs.update(height=args.size, width=args.size)
+
+    def run():
+        return pipe(args.prompt, generator=torch.Generator(args.device).manual_seed(args.seed), **kwargs).images[0]
+
+    full, full_s = timed(run, args.device)
+    with apply_attention_reuse(pipe, schedule):
+        image, reuse_s = timed(run, args.device)
+    out = args.output
+    image.save(out)
+    full_path = out.rsplit(".", 1)[0] + ".full.png"
+    full.save(full_path)
+    print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}")
+    print(f"  no reuse {full_s:.3f} s -> {full_path}")
+    print(f"  reuse    {reuse_s:.3f} s -> {out}   schedule {schedule} ({schedule.num_reuse} reuse), "
+          f"{full_s / reuse_s:.2f}x, PSNR vs no reuse {psnr(np.asarray(image) / 255, np.asarray(full) / 255):.1f} dB")
+    if args.model is None:
+        from .faithfulness import check
+
+        try:
+            verdict = {k: v for k, v in check(np.asarray(image), args.prompt).items() if k != "objects"}
+            print(f"  faithfulness check of the reuse image: {verdict}")
+        except ValueError:
+            pass  # a prompt outside the shapes grammar: nothing to check
+    print(f"  total {time.perf_counter() - start:.1f} s (imports and loading included)")
+    return 0
+
+
+def _train_default(args) -> int:
+    from .train import train_default
+
+    path = train_default(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device)
+    print(f"trained model written to {path}; evaluate it with `attnreuse evaluate-default --model {path}`")
+    return 0
+
+
+def _evaluate_default(args) -> int:
+    from .default_model import evaluate_default
+
+    metrics = evaluate_default(args.model, count=args.count, steps=args.steps, guidance=args.guidance,
+                               device=args.device, out=args.out, card=args.card)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_caption"}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .local import ARCHS
     from .sampling import SAMPLERS
@@ -90,6 +157,49 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--json", help="also write the figures to this JSON file")
     speed.add_argument("--quiet", action="store_true", help="no progress bar")
     speed.set_defaults(func=_speed)
+
+    device = "cuda" if _cuda() else "cpu"
+    gen = sub.add_parser("generate", help="generate one image with and without reuse (default model by default)",
+                         description="Generate PROMPT with and without attention reuse and print both times. "
+                                     "Without --model it runs the shipped default model (captioned shapes).")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="a diffusers model path or hub id, or a local architecture (default: the "
+                                     "shipped default model)")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--schedule", help="hurry:R (reuse the last R steps; default R = steps/2), hurry:N:R, "
+                                        "a bit string, or a schedule JSON file")
+    gen.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 7.5 elsewhere)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
+    gen.add_argument("-o", "--output", default="out.png", help="the reuse image; the no-reuse one goes beside "
+                                                              "it as NAME.full.png")
+    gen.add_argument("--device", default=device)
+    gen.set_defaults(func=_generate)
+
+    train = sub.add_parser("train-default", help="train the default model from a seed (resumable)",
+                           description="Reproduce the shipped default model: VAE, then UNet and text encoder. "
+                                       "Run the same command again to resume after an interruption.")
+    train.add_argument("--out", default="runs/default", help="work folder (checkpoints/, model/)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--unet-steps", type=int, default=3000)
+    train.add_argument("--vae-batch", type=int, default=16)
+    train.add_argument("--unet-batch", type=int, default=32)
+    train.add_argument("--device", default=device)
+    train.set_defaults(func=_train_default)
+
+    ev = sub.add_parser("evaluate-default", help="measure the default model against the model card's bars",
+                        description="VAE PSNR on held-out images, faithfulness on held-out one- and two-shape "
+                                    "captions (20-step DDIM), the time of `generate`; writes JSON and a PNG grid.")
+    ev.add_argument("--model", help="model folder (default: the shipped one)")
+    ev.add_argument("--count", type=int, default=100, help="held-out captions of each kind (one, two shapes)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float)
+    ev.add_argument("--out", default="runs/evaluate-default", help="folder for metrics.json and grid.png")
+    ev.add_argument("--card", action="store_true", help="also write the model card (README.md) into the model")
+    ev.add_argument("--device", default=device)
+    ev.set_defaults(func=_evaluate_default)
     return parser
 
 

@@ -165,19 +165,22 @@ class Schedule:
         )
 
 
-def as_schedule(value) -> Schedule:
-    """Accept a `Schedule`, a list of 0/1, a bit string like ``"110010"``, ``"hurry:N:R"`` or a JSON file path."""
+def as_schedule(value, num_steps: int | None = None) -> Schedule:
+    """Accept a `Schedule`, a list of 0/1, a bit string like ``"110010"``, ``"hurry:N:R"``, ``"hurry:R"`` (with
+    `num_steps`) or a JSON file path."""
     if isinstance(value, Schedule):
         return value
     if isinstance(value, str):
         if value.startswith("hurry:"):
+            parts = value.split(":")[1:]
+            if len(parts) == 1 and num_steps is not None:
+                parts = [str(num_steps), *parts]
             try:
-                _, n, r = value.split(":")
-                return Schedule.hurry(int(n), int(r))
-            except ValueError as err:
-                if "HURRY" in str(err):
-                    raise
-                raise ValueError(f"Expected 'hurry:NUM_STEPS:REUSE_STEPS', got {value!r}.") from None
+                n, r = (int(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"Expected 'hurry:NUM_STEPS:REUSE_STEPS' or 'hurry:REUSE_STEPS', got {value!r}.") \
+                    from None
+            return Schedule.hurry(n, r)
         if value.endswith(".json"):
             return Schedule.from_json(Path(value))
         return Schedule(value)

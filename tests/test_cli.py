@@ -29,3 +29,20 @@ def test_bad_schedule_on_the_command_line_is_a_clear_error(capsys):
     assert "first step of a schedule must compute" in capsys.readouterr().err
     assert main(["speed", "--model", "tiny-sd", "--steps", "4", "--schedule", "110", "--quiet"]) == 2
     assert "expected a schedule of length 4" in capsys.readouterr().err
+
+
+def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
+    out = tmp_path / "circle.png"
+    assert main(["generate", "a red circle left of a blue square", "--steps", "10", "--schedule", "hurry:4",
+                 "--device", "cpu", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no reuse" in printed and "reuse" in printed and "faithfulness check" in printed
+    assert "Schedule('1111110000')" in printed
+    from PIL import Image
+
+    assert Image.open(out).size == Image.open(tmp_path / "circle.full.png").size == (64, 64)
+
+
+def test_generate_rejects_a_bad_schedule(capsys):
+    assert main(["generate", "a red circle", "--steps", "10", "--schedule", "hurry:10", "--device", "cpu"]) == 2
+    assert "HURRY needs 0 <= reuse_steps < num_steps" in capsys.readouterr().err

@@ -56,8 +56,11 @@ def test_as_schedule_accepts_the_cli_forms():
     assert as_schedule("hurry:8:3") == Schedule.hurry(8, 3)
     assert as_schedule("1101") == Schedule("1101")
     assert as_schedule([1, 0]) == Schedule("10")
+    assert as_schedule("hurry:3", num_steps=8) == Schedule.hurry(8, 3)
     with pytest.raises(ValueError, match="hurry:NUM_STEPS:REUSE_STEPS"):
         as_schedule("hurry:8")
+    with pytest.raises(ValueError, match="hurry:NUM_STEPS:REUSE_STEPS"):
+        as_schedule("hurry:a:b")
     with pytest.raises(TypeError):
         as_schedule(3)
 

@@ -1,0 +1,212 @@
+"""Training the default model from a seed: the VAE first, then the UNet and text encoder together.
+
+Deterministic given the seed (data item i and the noise of step s depend only on them), with a progress bar,
+periodic checkpoints and resume after an interruption (run the same command again), on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .default_model import build_components
+from .shapes import batch
+
+__all__ = ["train_default", "vae_psnr", "HELD_OUT_OFFSET"]
+
+HELD_OUT_OFFSET = 1_000_003  # held-out items use seed + this; training items use the seed itself
+
+
+def _lr(step, total, base, warmup=100):
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save(path: Path, **state):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interruption never leaves a half-written checkpoint
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+@torch.no_grad()
+def vae_psnr(vae, seed: int, count: int = 500, batch_size: int = 50, device="cpu") -> float:
+    """Mean per-image PSNR (dB, images in [0, 1]) of VAE reconstructions of held-out data set items."""
+    vae.eval()
+    values = []
+    for start in range(0, count, batch_size):
+        images, _, _ = batch(seed + HELD_OUT_OFFSET, start, min(batch_size, count - start))
+        x = torch.from_numpy(images).to(device)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)
+        values.extend((10 * torch.log10(1 / mse.clamp_min(1e-12))).tolist())
+    vae.train()
+    return float(np.mean(values))
+
+
+def _train_vae(vae, ckpt: Path, seed, steps, batch_size, lr, device, every, target_psnr, log, psnr_images):
+    state = _load(ckpt)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        if state.get("done"):
+            return elapsed
+    vae.to(device).train()
+    bar = tqdm(total=steps, initial=step, desc="VAE", dynamic_ncols=True)
+    start = time.perf_counter() - elapsed
+    done = False
+    while step < steps and not done:
+        images, _, _ = batch(seed, step * batch_size, batch_size)
+        x = torch.from_numpy(images).to(device)
+        generator = torch.Generator(device).manual_seed(seed * 7919 + step)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=device)
+        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+        if step % every == 0 or step == steps:
+            psnr = vae_psnr(vae, seed, count=psnr_images, device=device)
+            log.append({"stage": "vae", "step": step, "loss": loss.item(), "psnr_held_out": psnr,
+                        "elapsed_s": time.perf_counter() - start})
+            bar.write(f"VAE step {step}: held-out PSNR ({psnr_images} images) {psnr:.2f} dB")
+            done = target_psnr is not None and psnr >= target_psnr
+            _save(ckpt, model=vae.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                  elapsed=time.perf_counter() - start, done=done or step == steps)
+    bar.close()
+    return time.perf_counter() - start
+
+
+def _encode_text(tokenizer, text_encoder, captions, device):
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def _train_unet(parts, ckpt: Path, seed, steps, batch_size, lr, device, every, log, ema_decay=0.999,
+                drop_caption=0.1, min_snr=5.0):
+    from diffusers import DDPMScheduler
+
+    unet, text_encoder, tokenizer, vae = parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
+    noise = DDPMScheduler.from_config(parts["scheduler"].config)
+    alphas = noise.alphas_cumprod.to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text": copy.deepcopy(text_encoder).requires_grad_(False)}
+    step, elapsed = 0, 0.0
+    state = _load(ckpt)
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text"])
+        ema["unet"].load_state_dict(state["ema_unet"])
+        ema["text"].load_state_dict(state["ema_text"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    for m in (unet, text_encoder, ema["unet"], ema["text"]):
+        m.to(device)
+    unet.train()
+    text_encoder.train()
+    vae.to(device).eval()
+    scaling = vae.config.scaling_factor
+    bar = tqdm(total=steps, initial=step, desc="UNet + text encoder", dynamic_ncols=True)
+    start = time.perf_counter() - elapsed
+    while step < steps:
+        images, captions, _ = batch(seed, step * batch_size, batch_size)
+        generator = torch.Generator("cpu").manual_seed(seed * 104729 + step)
+        drop = torch.rand(batch_size, generator=generator) < drop_caption
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]  # for classifier-free guidance
+        with torch.no_grad():
+            latents = vae.encode(torch.from_numpy(images).to(device)).latent_dist.mode() * scaling
+        eps = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, noise.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        noisy = noise.add_noise(latents, eps, t)
+        pred = unet(noisy, t, encoder_hidden_states=_encode_text(tokenizer, text_encoder, captions, device)).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=min_snr) / snr  # min-SNR weighting (Hang et al. 2023): faster convergence
+        loss = (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for target, source in ((ema["unet"], unet), (ema["text"], text_encoder)):
+                for pe, p in zip(target.parameters(), source.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % every == 0 or step == steps:
+            log.append({"stage": "unet", "step": step, "loss": loss.item(), "elapsed_s": time.perf_counter() - start})
+            _save(ckpt, unet=unet.state_dict(), text=text_encoder.state_dict(), ema_unet=ema["unet"].state_dict(),
+                  ema_text=ema["text"].state_dict(), optimizer=optimizer.state_dict(), step=step,
+                  elapsed=time.perf_counter() - start)
+    bar.close()
+    return ema, time.perf_counter() - start
+
+
+def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_steps: int = 3000,
+                  vae_batch: int = 16, unet_batch: int = 32, vae_lr: float = 1e-3, unet_lr: float = 5e-4,
+                  device: str = "cpu", checkpoint_every: int = 100, vae_target_psnr: float | None = 32.0,
+                  psnr_images: int = 100):
+    """Train the default model into `out` (a `StableDiffusionPipeline` folder); resumes from `out/checkpoints`.
+
+    The VAE stops early once 100 held-out images reconstruct above `vae_target_psnr` dB.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    parts = build_components(seed, tokenizer_dir=out / "tokenizer")
+    log_path = ckpt / "log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else []
+    wall = time.perf_counter()
+    try:
+        vae_time = _train_vae(parts["vae"], ckpt / "vae.pt", seed, vae_steps, vae_batch, vae_lr, device,
+                              checkpoint_every, vae_target_psnr, log, psnr_images)
+        with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's 0.18215 does
+            images, _, _ = batch(seed, 0, 256)
+            latents = parts["vae"].to(device).eval().encode(torch.from_numpy(images).to(device)).latent_dist.mode()
+            parts["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
+        ema, unet_time = _train_unet(parts, ckpt / "unet.pt", seed, unet_steps, unet_batch, unet_lr, device,
+                                     checkpoint_every, log)
+    finally:
+        log_path.write_text(json.dumps(log, indent=1))
+    pipe = StableDiffusionPipeline(vae=parts["vae"].cpu(), text_encoder=ema["text"].cpu(), tokenizer=parts["tokenizer"],
+                                   unet=ema["unet"].cpu(), scheduler=parts["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    from .sampling import device_name
+
+    info = {"hardware": device_name(device), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "vae_batch": vae_batch,
+            "unet_batch": unet_batch, "vae_lr": vae_lr, "unet_lr": unet_lr, "device": device,
+            "vae_train_s": vae_time, "unet_train_s": unet_time, "session_wall_s": time.perf_counter() - wall,
+            "vae_stopped_at": next((e["step"] for e in reversed(log) if e["stage"] == "vae"), None)}
+    (out / "model" / "training.json").write_text(json.dumps(info, indent=1))
+    return out / "model"

@@ -1,0 +1,56 @@
+"""The shipped default model: a plain StableDiffusionPipeline folder that follows its captions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from attnreuse import Schedule, apply_attention_reuse
+from attnreuse.default_model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, load_default_pipeline
+from attnreuse.evaluation import faithfulness, generate, held_out_captions
+
+CAPTIONS = ["a red circle on the left", "a large blue square in the center", "a green triangle at the top",
+            "a yellow circle left of a purple square", "a small orange square above a large blue circle"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_default_pipeline()
+
+
+def test_loads_as_a_plain_stable_diffusion_pipeline():
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL_DIR, safety_checker=None)
+    assert pipe.unet.config.sample_size >= 16 and pipe.vae.config.latent_channels == 4
+    kinds = {type(m).__name__ for m in pipe.unet.down_blocks[0].modules()}
+    assert "Attention" in kinds  # self- and cross-attention at the highest latent resolution
+    first = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert first.attn1.is_cross_attention is False and first.attn2.is_cross_attention is True
+    total = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    assert total <= 30 * 2**20
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert "VAE reconstruction PSNR" in card and "two shapes" in card
+    assert json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())["seed"] == 0
+
+
+def test_fixed_seed_gives_the_same_image(pipe):
+    a = generate(pipe, CAPTIONS[:2], [5, 6], num_inference_steps=10, guidance_scale=DEFAULT_GUIDANCE)
+    b = generate(pipe, CAPTIONS[:2], [5, 6], num_inference_steps=10, guidance_scale=DEFAULT_GUIDANCE)
+    assert a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
+    c = generate(pipe, CAPTIONS[:2], [7, 8], num_inference_steps=10, guidance_scale=DEFAULT_GUIDANCE)
+    assert not np.array_equal(a, c)
+
+
+def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
+    prompts = CAPTIONS + held_out_captions(11, False) + held_out_captions(8, True)
+    seeds = list(range(len(prompts)))
+    kwargs = dict(num_inference_steps=20, guidance_scale=DEFAULT_GUIDANCE)
+    full = generate(pipe, prompts, seeds, **kwargs)
+    with apply_attention_reuse(pipe, Schedule.hurry(20, 6)) as handle:
+        reused = generate(pipe, prompts, seeds, **kwargs)
+        assert all(c["reused"] > 0 for c in handle.stats()["layers"].values())
+    full_rate = faithfulness(full, prompts)["pass_rate"]
+    reuse_rate = faithfulness(reused, prompts)["pass_rate"]
+    assert full_rate >= 0.5 and reuse_rate >= 0.5, (full_rate, reuse_rate)
+    assert not np.array_equal(full, reused)  # reuse changed the images, yet they still follow the captions
