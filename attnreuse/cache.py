@@ -9,6 +9,7 @@ fast attention, and the cache is freed when a generation ends.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ class ReuseState:
     """
 
     schedule: Schedule
-    get_scheduler: callable = lambda: None
+    get_scheduler: Callable[[], object] = lambda: None
     cache_dtype: torch.dtype | None = None
     layers: tuple[str, ...] = ()
     plan: tuple[str, ...] = ()

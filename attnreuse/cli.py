@@ -123,9 +123,11 @@ def _train_default(args) -> int:
 def _evaluate_default(args) -> int:
     from .default_model import evaluate_default
 
+    sweep = [float(g) for g in args.sweep.split(",")] if args.sweep else ()
     metrics = evaluate_default(args.model, count=args.count, steps=args.steps, guidance=args.guidance,
-                               device=args.device, out=args.out, card=args.card)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_caption"}, indent=1))
+                               device=args.device, out=args.out, card=args.card, sweep=sweep)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("passed", "prompts")}
+                      if isinstance(v, dict) else v for k, v in metrics.items()}, indent=1))
     return 0
 
 
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float)
     ev.add_argument("--out", default="runs/evaluate-default", help="folder for metrics.json and grid.png")
     ev.add_argument("--card", action="store_true", help="also write the model card (README.md) into the model")
+    ev.add_argument("--sweep", help="comma-separated guidance scales to compare on a validation split first")
     ev.add_argument("--device", default=device)
     ev.set_defaults(func=_evaluate_default)
     return parser

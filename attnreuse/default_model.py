@@ -17,7 +17,7 @@ from .shapes import IMAGE_SIZE, VOCABULARY
 __all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE", "load_default_pipeline", "build_components", "MAX_TOKENS"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-DEFAULT_GUIDANCE = 4.0  # the guidance scale the model card's figures use
+DEFAULT_GUIDANCE = 3.0  # chosen on a validation split (see the model card); the card's figures use it
 MAX_TOKENS = 16  # the longest caption of the grammar is 10 words + 2 special tokens
 LATENT_SIZE = IMAGE_SIZE // 4
 
@@ -69,12 +69,29 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
     return pipe.to(device)
 
 
+def sweep_guidance(pipe, scales, count: int = 50, steps: int = 20) -> dict:
+    """Faithfulness pass rates per guidance scale on a validation split (captions of seed 1, not the held-out
+    captions of the figures), to choose the documented guidance scale without looking at the test captions."""
+    from .evaluation import faithfulness, generate, held_out_captions
+
+    result = {}
+    for scale in scales:
+        rates = {}
+        for kind, two in (("one_shape", False), ("two_shapes", True)):
+            prompts = held_out_captions(count, two, seed=1)
+            images = generate(pipe, prompts, list(range(count)), num_inference_steps=steps, guidance_scale=scale)
+            rates[kind] = faithfulness(images, prompts)["pass_rate"]
+        result[str(scale)] = rates
+    return result
+
+
 def evaluate_default(model: str | Path | None = None, count: int = 100, steps: int = 20,
                      guidance: float | None = None, device: str = "cpu", out: str | Path | None = None,
-                     card: bool = False, reuse: int | None = None) -> dict:
+                     card: bool = False, reuse: int | None = None, sweep=()) -> dict:
     """The model card's figures: VAE PSNR on 500 held-out images, faithfulness on `count` held-out one-shape and
     `count` two-shape captions (DDIM, `steps` steps, fixed seeds) without and with HURRY reuse, and the wall
-    time of `attnreuse generate` (a fresh process, first call included)."""
+    time of `attnreuse generate` (a fresh process, first call included). `sweep`: guidance scales to compare
+    on a validation split first."""
     import json
     import subprocess
     import sys
@@ -94,6 +111,8 @@ def evaluate_default(model: str | Path | None = None, count: int = 100, steps: i
     reuse = steps // 2 if reuse is None else reuse
     metrics = {"model": str(model_dir), "device": device_name(device), "steps": steps, "sampler": "ddim",
                "guidance": guidance, "vae_psnr_db": vae_psnr(pipe.vae, seed=0, count=500, device=device)}
+    if sweep:
+        metrics["guidance_sweep_validation"] = sweep_guidance(pipe, sweep, steps=steps)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance)
     images = {}
     for kind, two in (("one_shape", False), ("two_shapes", True)):
@@ -132,12 +151,8 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
     training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
     sizes = {name: sum(f.stat().st_size for f in (model_dir / name).glob("*.safetensors"))
              for name in ("vae", "text_encoder", "unet")}
-    params = {}
-    try:
-        pipe = load_default_pipeline(model_dir)
-        params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in sizes}
-    except FileNotFoundError:
-        pass
+    pipe = load_default_pipeline(model_dir)
+    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in sizes}
     reuse_key = next((k for k in metrics if k.startswith("one_shape_hurry")), None)
     lines = [
         "# attnreuse default model: captioned shapes",
@@ -158,7 +173,8 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
         f"| VAE (`AutoencoderKL`) | 3 levels {VAE['block_out_channels']}, 4 latent channels, 64x64 -> 16x16 | "
         f"{params.get('vae', 0):,} | {sizes['vae'] / 2**20:.1f} MiB |",
         f"| text encoder (`CLIPTextModel`, from scratch) | {TEXT['num_hidden_layers']} layers, width "
-        f"{TEXT['hidden_size']}, word-level `CLIPTokenizer` of {len(VOCABULARY) + 2} tokens, {MAX_TOKENS} positions | "
+        f"{TEXT['hidden_size']}, `CLIPTokenizer` with merges that make each of the {len(VOCABULARY)} words one token "
+        f"({len(pipe.tokenizer)} tokens), {MAX_TOKENS} positions | "
         f"{params.get('text_encoder', 0):,} | {sizes['text_encoder'] / 2**20:.1f} MiB |",
         f"| UNet (`UNet2DConditionModel`) | channels {UNET['block_out_channels']}, self- and cross-attention at 16x16 "
         f"and 8x8 | {params.get('unet', 0):,} | {sizes['unet'] / 2**20:.1f} MiB |",
@@ -177,6 +193,10 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
         f"{training.get('unet_steps')} steps, {training.get('unet_train_s', 0) / 60:.1f} min.",
         "",
         f"## Measured ({metrics.get('device')}; `attnreuse evaluate-default --card`)",
+        *([f"- Guidance scale {metrics['guidance']} was chosen on a validation split (50 + 50 other captions): "
+           + ", ".join(f"{g}: {100 * r['one_shape']:.0f}% / {100 * r['two_shapes']:.0f}%"
+                       for g, r in metrics["guidance_sweep_validation"].items()) + " (one / two shapes)."]
+          if "guidance_sweep_validation" in metrics else []),
         f"- VAE reconstruction PSNR on 500 held-out images: **{metrics['vae_psnr_db']:.2f} dB** (bar: >= 30).",
         f"- Faithfulness checker, {metrics['steps']}-step DDIM, guidance {metrics['guidance']}, held-out captions, "
         f"seeds 0..{metrics['one_shape']['n'] - 1}:",
@@ -194,6 +214,13 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
     if "generate_s" in metrics:
         lines.append(f"- `attnreuse generate` (20 steps, with and without reuse, fresh process): "
                      f"{metrics['generate_s']:.1f} s (bar: < 10 s).")
+    missed = [name for name, ok in (("one-shape faithfulness", metrics["one_shape"]["pass_rate"] >= 0.9),
+                                    ("two-shape faithfulness", metrics["two_shapes"]["pass_rate"] >= 0.6),
+                                    ("VAE PSNR", metrics["vae_psnr_db"] >= 30)) if not ok]
+    if missed:
+        lines += ["", "## Limitations", f"Bars not met: {', '.join(missed)}. Where a part's rate is near chance "
+                  "(position about 1/3, relation about 1/4), the model has not learnt that part of the caption yet "
+                  "and follows the initial noise instead; longer training is the known remedy."]
     (model_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -49,19 +49,54 @@ ARCHS = {
 }
 
 
+def _bpe_merges(words) -> tuple[list[tuple[str, str]], list[str]]:
+    """Byte-pair merges learnt on the word list until every word is one token, and the resulting symbols.
+
+    CLIP's tokenizer splits a word into characters and applies merges by rank; without merges every word of
+    more than one letter would fall apart into unknown characters, so the merges are learnt here.
+    """
+    from collections import Counter
+
+    segments = {w: [*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)}
+    symbols = list(dict.fromkeys(sym for seg in segments.values() for sym in seg))
+    merges = []
+    while any(len(seg) > 1 for seg in segments.values()):
+        pairs = Counter(pair for seg in segments.values() for pair in zip(seg, seg[1:]))
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        symbols.append("".join(best))
+        for word, seg in segments.items():
+            out, i = [], 0
+            while i < len(seg):
+                if i + 1 < len(seg) and (seg[i], seg[i + 1]) == best:
+                    out.append(seg[i] + seg[i + 1])
+                    i += 2
+                else:
+                    out.append(seg[i])
+                    i += 1
+            segments[word] = out
+    return merges, list(dict.fromkeys(symbols))
+
+
 def write_clip_tokenizer(directory: str | Path, words=DEFAULT_WORDS, max_length: int = 77):
-    """Write a word-level CLIP tokenizer (vocab.json with ``word</w>`` entries, empty merges) and load it."""
+    """Write a word-level CLIP tokenizer (vocab.json and the merges.txt that makes each word one token), load it."""
     from transformers import CLIPTokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    words = [w.lower() for w in words]
+    merges, symbols = _bpe_merges(words)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in words:
-        vocab.setdefault(f"{word}</w>", len(vocab))
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length,
-                         pad_token="<|endoftext|>")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                              model_max_length=max_length, pad_token="<|endoftext|>")
+    broken = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    if broken:
+        raise RuntimeError(f"attnreuse: the written tokenizer splits {broken[:5]}; this is a bug.")
+    return tokenizer
 
 
 def _text_encoder(width: int, vocab_size: int, projection: bool = False):

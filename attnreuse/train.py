@@ -33,10 +33,15 @@ def _lr(step, total, base, warmup=100):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _save(path: Path, **state):
+def _save(path: Path, log: list, **state):
+    """A checkpoint and the training log beside it, each written atomically (an interruption never leaves a
+    half-written file)."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves a half-written checkpoint
+    tmp.replace(path)
+    log_tmp = path.parent / "log.json.tmp"
+    log_tmp.write_text(json.dumps(log, indent=1))
+    log_tmp.replace(path.parent / "log.json")
 
 
 def _load(path: Path):
@@ -93,7 +98,7 @@ def _train_vae(vae, ckpt: Path, seed, steps, batch_size, lr, device, every, targ
                         "elapsed_s": time.perf_counter() - start})
             bar.write(f"VAE step {step}: held-out PSNR ({psnr_images} images) {psnr:.2f} dB")
             done = target_psnr is not None and psnr >= target_psnr
-            _save(ckpt, model=vae.state_dict(), optimizer=optimizer.state_dict(), step=step,
+            _save(ckpt, log, model=vae.state_dict(), optimizer=optimizer.state_dict(), step=step,
                   elapsed=time.perf_counter() - start, done=done or step == steps)
     bar.close()
     return time.perf_counter() - start
@@ -162,7 +167,7 @@ def _train_unet(parts, ckpt: Path, seed, steps, batch_size, lr, device, every, l
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % every == 0 or step == steps:
             log.append({"stage": "unet", "step": step, "loss": loss.item(), "elapsed_s": time.perf_counter() - start})
-            _save(ckpt, unet=unet.state_dict(), text=text_encoder.state_dict(), ema_unet=ema["unet"].state_dict(),
+            _save(ckpt, log, unet=unet.state_dict(), text=text_encoder.state_dict(), ema_unet=ema["unet"].state_dict(),
                   ema_text=ema["text"].state_dict(), optimizer=optimizer.state_dict(), step=step,
                   elapsed=time.perf_counter() - start)
     bar.close()
@@ -186,18 +191,14 @@ def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_st
     parts = build_components(seed, tokenizer_dir=out / "tokenizer")
     log_path = ckpt / "log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else []
-    wall = time.perf_counter()
-    try:
-        vae_time = _train_vae(parts["vae"], ckpt / "vae.pt", seed, vae_steps, vae_batch, vae_lr, device,
-                              checkpoint_every, vae_target_psnr, log, psnr_images)
-        with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's 0.18215 does
-            images, _, _ = batch(seed, 0, 256)
-            latents = parts["vae"].to(device).eval().encode(torch.from_numpy(images).to(device)).latent_dist.mode()
-            parts["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
-        ema, unet_time = _train_unet(parts, ckpt / "unet.pt", seed, unet_steps, unet_batch, unet_lr, device,
-                                     checkpoint_every, log)
-    finally:
-        log_path.write_text(json.dumps(log, indent=1))
+    vae_time = _train_vae(parts["vae"], ckpt / "vae.pt", seed, vae_steps, vae_batch, vae_lr, device,
+                          checkpoint_every, vae_target_psnr, log, psnr_images)
+    with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's 0.18215 does
+        images, _, _ = batch(seed, 0, 256)
+        latents = parts["vae"].to(device).eval().encode(torch.from_numpy(images).to(device)).latent_dist.mode()
+        parts["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
+    ema, unet_time = _train_unet(parts, ckpt / "unet.pt", seed, unet_steps, unet_batch, unet_lr, device,
+                                 checkpoint_every, log)
     pipe = StableDiffusionPipeline(vae=parts["vae"].cpu(), text_encoder=ema["text"].cpu(), tokenizer=parts["tokenizer"],
                                    unet=ema["unet"].cpu(), scheduler=parts["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -206,7 +207,8 @@ def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_st
 
     info = {"hardware": device_name(device), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "vae_batch": vae_batch,
             "unet_batch": unet_batch, "vae_lr": vae_lr, "unet_lr": unet_lr, "device": device,
-            "vae_train_s": vae_time, "unet_train_s": unet_time, "session_wall_s": time.perf_counter() - wall,
-            "vae_stopped_at": next((e["step"] for e in reversed(log) if e["stage"] == "vae"), None)}
+            "vae_train_s": vae_time, "unet_train_s": unet_time,
+            "vae_stopped_at": _load(ckpt / "vae.pt")["step"],
+            "vae_held_out_psnr_log": [(e["step"], round(e["psnr_held_out"], 2)) for e in log if e["stage"] == "vae"]}
     (out / "model" / "training.json").write_text(json.dumps(info, indent=1))
     return out / "model"
