@@ -22,7 +22,9 @@ def _speed(args) -> int:
 
     from . import apply_attention_reuse
     from .metrics import psnr
-    from .sampling import device_name, load_pipeline, median, timed, use_sampler
+    from statistics import median
+
+    from .sampling import device_name, load_pipeline, timed, use_sampler
     from .schedule import Schedule, as_schedule
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

@@ -135,6 +135,7 @@ def evaluate_default(model: str | Path | None = None, count: int = 100, steps: i
         metrics["generate_s"] = time.perf_counter() - start
     if out:
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         shown = np.concatenate([images["one_shape"][:16], images["two_shapes"][:16]])
         image_grid(shown, columns=8, upscale=3).save(out / "grid.png")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 
 import torch
@@ -66,6 +65,3 @@ def timed(fn, device="cpu"):
     sync()
     return result, time.perf_counter() - start
 
-
-def median(values) -> float:
-    return statistics.median(values)

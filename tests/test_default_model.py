@@ -57,3 +57,23 @@ def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
         result = faithfulness(images, prompts)
         assert result["parts"]["color"] >= 0.75 and result["parts"]["shape"] >= 0.5, result["parts"]
     assert abs(faithfulness(full, prompts)["pass_rate"] - faithfulness(reused, prompts)["pass_rate"]) <= 0.2
+
+
+def test_evaluation_writes_metrics_grid_and_model_card(tmp_path):
+    import shutil
+
+    from attnreuse.default_model import evaluate_default
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    (model / "README.md").unlink()
+    metrics = evaluate_default(model, count=4, steps=6, sweep=(2.0, 3.0), out=tmp_path / "eval", card=True)
+    assert metrics["vae_psnr_db"] > 30
+    assert metrics["one_shape"]["n"] == metrics["two_shapes"]["n"] == 4
+    assert set(metrics["guidance_sweep_validation"]) == {"2.0", "3.0"}
+    assert 0 <= metrics["one_shape_hurry3"]["pass_rate"] <= 1 and metrics["one_shape_hurry3"]["psnr_vs_full_db"] > 0
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["vae_psnr_db"] == metrics["vae_psnr_db"]
+    assert (tmp_path / "eval" / "grid.png").stat().st_size > 0
+    card = (model / "README.md").read_text()
+    assert f"{metrics['vae_psnr_db']:.2f} dB" in card and "of 4 (bar: >= 90%)" in card
