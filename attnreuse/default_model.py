@@ -184,8 +184,7 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
         f"Total weights: {sum(sizes.values()) / 2**20:.1f} MiB.",
         "",
         "## Training",
-        f"`attnreuse train-default --seed {training.get('seed', 0)} --vae-steps {training.get('vae_steps')} "
-        f"--unet-steps {training.get('unet_steps')}` on {training.get('hardware', metrics.get('device'))}.",
+        _training_command(training) + f" on {training.get('hardware', metrics.get('device'))}.",
         f"- VAE: MSE + 1e-6 KL, batch {training.get('vae_batch')}, AdamW lr {training.get('vae_lr')}, stopped at "
         f"step {training.get('vae_stopped_at')} (early stop at 32 dB on 100 held-out images), "
         f"{training.get('vae_train_s', 0) / 60:.1f} min.",
@@ -223,6 +222,16 @@ def write_model_card(model_dir: str | Path, metrics: dict) -> None:
                   "(position about 1/3, relation about 1/4), the model has not learnt that part of the caption yet "
                   "and follows the initial noise instead; longer training is the known remedy."]
     (model_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _training_command(training: dict) -> str:
+    """The command (or, for a run resumed with a longer schedule, the commands) that reproduce the weights."""
+    runs = training.get("unet_runs") or [{"unet_steps": training.get("unet_steps")}]
+    commands = [f"`attnreuse train-default --seed {training.get('seed', 0)} --vae-steps {training.get('vae_steps')} "
+                f"--unet-steps {run['unet_steps']}`" for run in runs]
+    if len(commands) == 1:
+        return commands[0]
+    return " then ".join(commands) + " (same --out: each resumes the previous with a longer cosine schedule)"
 
 
 def _parts(result: dict) -> str:

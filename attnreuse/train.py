@@ -120,15 +120,18 @@ def _train_unet(parts, ckpt: Path, seed, steps, batch_size, lr, device, every, l
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text": copy.deepcopy(text_encoder).requires_grad_(False)}
-    step, elapsed = 0, 0.0
+    step, elapsed, runs = 0, 0.0, []
     state = _load(ckpt)
     if state is not None:
+        runs = state.get("runs", [{"unet_steps": state["step"], "from_step": 0}])
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text"])
         ema["unet"].load_state_dict(state["ema_unet"])
         ema["text"].load_state_dict(state["ema_text"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
+    if not runs or runs[-1]["unet_steps"] != steps:  # a longer schedule resumed from a finished one: record it
+        runs.append({"unet_steps": steps, "from_step": step})
     for m in (unet, text_encoder, ema["unet"], ema["text"]):
         m.to(device)
     unet.train()
@@ -169,9 +172,9 @@ def _train_unet(parts, ckpt: Path, seed, steps, batch_size, lr, device, every, l
             log.append({"stage": "unet", "step": step, "loss": loss.item(), "elapsed_s": time.perf_counter() - start})
             _save(ckpt, log, unet=unet.state_dict(), text=text_encoder.state_dict(), ema_unet=ema["unet"].state_dict(),
                   ema_text=ema["text"].state_dict(), optimizer=optimizer.state_dict(), step=step,
-                  elapsed=time.perf_counter() - start)
+                  elapsed=time.perf_counter() - start, runs=runs)
     bar.close()
-    return ema, time.perf_counter() - start
+    return ema, time.perf_counter() - start, runs
 
 
 def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_steps: int = 3000,
@@ -197,7 +200,7 @@ def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_st
         images, _, _ = batch(seed, 0, 256)
         latents = parts["vae"].to(device).eval().encode(torch.from_numpy(images).to(device)).latent_dist.mode()
         parts["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
-    ema, unet_time = _train_unet(parts, ckpt / "unet.pt", seed, unet_steps, unet_batch, unet_lr, device,
+    ema, unet_time, unet_runs = _train_unet(parts, ckpt / "unet.pt", seed, unet_steps, unet_batch, unet_lr, device,
                                  checkpoint_every, log)
     pipe = StableDiffusionPipeline(vae=parts["vae"].cpu(), text_encoder=ema["text"].cpu(), tokenizer=parts["tokenizer"],
                                    unet=ema["unet"].cpu(), scheduler=parts["scheduler"], safety_checker=None,
@@ -208,7 +211,7 @@ def train_default(out: str | Path, seed: int = 0, vae_steps: int = 1500, unet_st
     info = {"hardware": device_name(device), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "vae_batch": vae_batch,
             "unet_batch": unet_batch, "vae_lr": vae_lr, "unet_lr": unet_lr, "device": device,
             "vae_train_s": vae_time, "unet_train_s": unet_time,
-            "vae_stopped_at": _load(ckpt / "vae.pt")["step"],
+            "vae_stopped_at": _load(ckpt / "vae.pt")["step"], "unet_runs": unet_runs,
             "vae_held_out_psnr_log": [(e["step"], round(e["psnr_held_out"], 2)) for e in log if e["stage"] == "vae"]}
     (out / "model" / "training.json").write_text(json.dumps(info, indent=1))
     return out / "model"
