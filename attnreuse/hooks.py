@@ -231,16 +231,13 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
         state.after_call()
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
-    pipeline = None if isinstance(target, torch.nn.Module) else target
-    if pipeline is not None and callable(getattr(pipeline, _END_OF_CALL, None)):
-        end_of_call = getattr(pipeline, _END_OF_CALL)
-
+    end_of_call = None if isinstance(target, torch.nn.Module) else getattr(target, _END_OF_CALL, None)
+    pipeline = target if callable(end_of_call) else None
+    if pipeline is not None:
         def free_then_end_of_call(*args, **kwargs):  # a generation that stopped early frees its cache too
             state.end_generation()
             return end_of_call(*args, **kwargs)
         setattr(pipeline, _END_OF_CALL, free_then_end_of_call)  # on the instance only, undone by remove()
-    else:
-        pipeline = None
     handle = AttentionReuseHandle(model, config, state, originals, hooks, pipeline)
     setattr(model, _HANDLE_ATTR, handle)
     logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
