@@ -121,6 +121,18 @@ class ReuseState:
         self._ended = False
         self.generations += 1
 
+    def snapshot(self) -> tuple:
+        """Where the generation stands: its plan, call index and cached maps (by reference; maps are never
+        changed in place). `restore` continues from here, so a schedule search can branch from a shared prefix."""
+        return self.plan, self.call, dict(self.slots), self._last_t
+
+    def restore(self, snapshot: tuple, plan: tuple[str, ...] | None = None) -> None:
+        """Continue from `snapshot`, optionally with another plan that agrees with it on the calls made so far."""
+        self.plan, self.call, slots, self._last_t = snapshot
+        self.slots, self._ended = dict(slots), False
+        if plan is not None:
+            self.plan = plan
+
     def _resolve(self, scheduler, timesteps, timestep) -> tuple[int, ...]:
         """The schedule for this generation's model calls, from the scheduler's timesteps (checked here,
         before the first call runs)."""

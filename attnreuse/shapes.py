@@ -114,27 +114,34 @@ def sample_scene(rng: np.random.Generator, two_shapes: bool | None = None) -> Sc
     return Scene(shapes, background, relation=relation)
 
 
-def _mask(shape: Shape, scale: int) -> np.ndarray:
-    n = IMAGE_SIZE * scale
-    y, x = (np.mgrid[0:n, 0:n] + 0.5) / scale
+def _coverage(shape: Shape, scale: int) -> tuple[slice, slice, np.ndarray]:
+    """How many of each pixel's scale x scale sub-pixels the shape covers, inside its bounding window of whole
+    pixels (rows, cols, counts): computing only there makes rendering several times faster."""
+    lo = lambda c: max(0, int(np.floor(c - shape.r)) - 1)  # noqa: E731
+    hi = lambda c: min(IMAGE_SIZE, int(np.ceil(c + shape.r)) + 1)  # noqa: E731
+    rows, cols = slice(lo(shape.cy), hi(shape.cy)), slice(lo(shape.cx), hi(shape.cx))
+    y = (np.arange(rows.start * scale, rows.stop * scale)[:, None] + 0.5) / scale
+    x = (np.arange(cols.start * scale, cols.stop * scale)[None, :] + 0.5) / scale
     dx, dy, r = x - shape.cx, y - shape.cy, shape.r
     if shape.shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape.shape == "square":
-        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    # upright triangle: apex at the top, base at the bottom, as wide as it is tall
-    t = (dy + r) / (2 * r)
-    return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+        mask = dx * dx + dy * dy <= r * r
+    elif shape.shape == "square":
+        mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    else:  # upright triangle: apex at the top, base at the bottom, as wide as it is tall
+        t = (dy + r) / (2 * r)
+        mask = (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+    h, w = mask.shape[0] // scale, mask.shape[1] // scale
+    return rows, cols, mask.reshape(h, scale, w, scale).sum(axis=(1, 3))
 
 
 def render(scene: Scene, scale: int = 4) -> np.ndarray:
-    """The scene as uint8 RGB (H, W, 3), anti-aliased by `scale`x supersampling."""
-    n = IMAGE_SIZE * scale
-    image = np.full((n, n, 3), scene.background, dtype=np.float32)
+    """The scene as uint8 RGB (H, W, 3), anti-aliased by `scale`x supersampling: each pixel is the mean of its
+    sub-pixels, summed in integers (the shapes never overlap), so the result is exact."""
+    total = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), scene.background * scale * scale, dtype=np.int64)
     for shape in scene.shapes:
-        image[_mask(shape, scale)] = COLORS[shape.color]
-    image = image.reshape(IMAGE_SIZE, scale, IMAGE_SIZE, scale, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        rows, cols, counts = _coverage(shape, scale)
+        total[rows, cols] += counts[..., None] * (np.array(COLORS[shape.color]) - scene.background)
+    return np.clip(np.rint(total / (scale * scale)), 0, 255).astype(np.uint8)
 
 
 def _phrase(shape: Shape) -> str:

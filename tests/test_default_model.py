@@ -43,8 +43,8 @@ def test_fixed_seed_gives_the_same_image(pipe):
 
 
 def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
-    """The model draws the named colors and shapes (it has not learnt positions yet: see the model card), and
-    reuse keeps that."""
+    """The model draws the named colors, shapes and positions of one-shape captions (94% pass on the held-out
+    set, see the model card), and reuse keeps that."""
     prompts = CAPTIONS[:3] + held_out_captions(13, False)
     seeds = list(range(len(prompts)))
     kwargs = dict(num_inference_steps=20, guidance_scale=DEFAULT_GUIDANCE)
@@ -55,7 +55,8 @@ def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
     assert not np.array_equal(full, reused)  # reuse changed the images...
     for images in (full, reused):  # ...yet they still follow the captions as well as the full sampler does
         result = faithfulness(images, prompts)
-        assert result["parts"]["color"] >= 0.75 and result["parts"]["shape"] >= 0.5, result["parts"]
+        assert result["pass_rate"] >= 0.75, result
+        assert min(result["parts"][p] for p in ("color", "shape", "position")) >= 0.8, result["parts"]
     assert abs(faithfulness(full, prompts)["pass_rate"] - faithfulness(reused, prompts)["pass_rate"]) <= 0.2
 
 

@@ -100,3 +100,25 @@ def test_every_position_and_relation_is_rendered_as_captioned():
     relations = {s.relation for _, _, s in rng_items if s.relation}
     assert positions == set(POSITIONS) and relations == set(RELATIONS)
     assert all(caption(s) == t for _, t, s in rng_items)
+
+
+def _reference_render(scene, scale=4):
+    """The plain definition: every sub-pixel of the full supersampled grid, then the mean of each pixel's."""
+    n = IMAGE_SIZE * scale
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / scale
+    image = np.full((n, n, 3), scene.background, dtype=np.float64)
+    for s in scene.shapes:
+        dx, dy, r = x - s.cx, y - s.cy, s.r
+        t = (dy + r) / (2 * r)
+        mask = {"circle": dx * dx + dy * dy <= r * r, "square": (np.abs(dx) <= r) & (np.abs(dy) <= r),
+                "triangle": (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)}[s.shape]
+        image[mask] = COLORS[s.color]
+    image = image.reshape(IMAGE_SIZE, scale, IMAGE_SIZE, scale, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def test_fast_renderer_equals_the_full_grid_definition():
+    scenes = [sample(seed, i)[2] for seed in (0, 11) for i in range(150)]
+    scenes.append(Scene((Shape("circle", "red", 0.4, 63.7, 12.0),), 240))  # clipped at the image border
+    for scene in scenes:
+        assert np.array_equal(render(scene), _reference_render(scene)), scene

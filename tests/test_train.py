@@ -40,3 +40,33 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
             torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
     log = (tmp_path / "resumed" / "checkpoints" / "log.json").read_text()
     assert '"stage": "unet"' in log and '"psnr_held_out"' in log
+
+
+def test_time_budget_picks_a_step_count_that_reproduces_the_run(tmp_path, monkeypatch):
+    """A budgeted run fixes its step count during the warm-up; asking for that count gives the same weights."""
+    import json
+
+    monkeypatch.setattr(train, "WARMUP", 12)
+    budgeted = train.train_default(tmp_path / "budget", **{**TINY, "unet_steps": 10_000}, unet_budget_s=1.5)
+    record = json.loads((budgeted / "training.json").read_text())
+    count = record["unet_steps"]
+    assert 12 <= count < 10_000 and record["unet_runs"] == [{"unet_steps": count, "from_step": 0}]
+    fixed = train.train_default(tmp_path / "fixed", **{**TINY, "unet_steps": count})
+    a, b = _weights(budgeted), _weights(fixed)
+    for key in a["unet"]:
+        torch.testing.assert_close(a["unet"][key], b["unet"][key], rtol=0, atol=0)
+
+
+def test_worker_processes_build_the_same_batches(tmp_path):
+    """On CUDA the batches come from worker processes: each depends only on its step."""
+    import functools
+
+    from attnreuse.default_model import build_components
+
+    tokenizer = build_components(0, tokenizer_dir=tmp_path)["tokenizer"]
+    make = functools.partial(train._unet_item, seed=0, batch_size=3, tokenizer=tokenizer, drop_caption=0.5,
+                             latent_shape=(4, 16, 16), num_train_timesteps=1000)
+    loader = torch.utils.data.DataLoader(train._Steps(make, 5, 11), batch_size=None, num_workers=2)
+    for step, got in zip(range(5, 11), loader):
+        for a, b in zip(got, make(step)):
+            assert torch.equal(a, b)
