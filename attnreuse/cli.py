@@ -1,4 +1,5 @@
-"""The `attnreuse` command line: `generate`, `speed`, `train-default`, `evaluate-default`."""
+"""The `attnreuse` command line: `generate`, `speed`, `search`, `compare`, `analyze`, `train-default`,
+`evaluate-default`."""
 
 from __future__ import annotations
 
@@ -70,20 +71,156 @@ def _speed(args) -> int:
     return 0
 
 
+def _pipeline(args):
+    """The pipeline of `--model` (the shipped default model when absent) with `--sampler`, and the guidance scale:
+    `--guidance`, else the default model's documented scale, else 7.5."""
+    from .default_model import DEFAULT_GUIDANCE, load_default_pipeline
+    from .sampling import load_pipeline, use_sampler
+
+    pipe = load_default_pipeline(device=args.device) if args.model is None else load_pipeline(args.model, args.device)
+    use_sampler(pipe, args.sampler)
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE if args.model is None else 7.5
+    return pipe, guidance
+
+
+def _prompts(args, count: int, seed: int) -> tuple[list[str], list[int]]:
+    """`--prompts FILE` (one per line), else `count` captions of the shapes grammar (half with two shapes) drawn
+    from data set items of `seed`; image i gets seed i."""
+    from .evaluation import held_out_captions
+
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()][:count]
+    elif args.model is None:
+        prompts = held_out_captions(count - count // 2, False, seed) + held_out_captions(count // 2, True, seed)
+    else:
+        raise ValueError("A model other than the default one needs --prompts FILE (one prompt per line).")
+    return prompts, list(range(len(prompts)))
+
+
+def _search(args) -> int:
+    """PHAST (or exhaustive) search on a calibration set; writes the schedule JSON and a summary."""
+    from pathlib import Path
+
+    from .schedule import Schedule
+    from .search import Evaluator, exhaustive, phast
+
+    pipe, guidance = _pipeline(args)
+    prompts, seeds = _prompts(args, args.calibration, seed=3)  # seed 3: never the held-out or validation captions
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = Path(args.state) if args.state else out.with_suffix(".state.json")
+    evaluator = Evaluator(pipe, prompts, seeds, args.steps, guidance, state_file=state, progress=True)
+    hurry = evaluator([Schedule.hurry(args.steps, args.reuse)])[0]
+    meta = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "reuse_steps": args.reuse,
+            "hurry_psnr_db": hurry, "calibration_seed": 3}
+    if args.exhaustive:
+        ranked = exhaustive(evaluator, args.steps, args.reuse)
+        best = ranked[0][0]
+        meta["ranking"] = [[str(s), round(u, 3)] for s, u in ranked]
+    else:
+        best, history = phast(evaluator, args.steps, args.reuse, epsilon=args.epsilon)
+        meta.update(strategy="phast", epsilon=args.epsilon, history=history)
+    schedule = evaluator.describe(best, **meta)
+    schedule.to_json(out, indent=1)
+    m = schedule.meta
+    print(f"{m.get('strategy')} schedule {schedule}: "
+          f"{m['psnr_db']:.2f} dB mean PSNR vs no reuse on {len(prompts)} calibration images (HURRY {hurry:.2f} dB); "
+          f"{m['evaluations']} schedules, {m['model_calls']} denoiser calls with shared prefixes vs "
+          f"{m['naive_model_calls']} for full runs ({m['naive_model_calls'] / max(1, m['model_calls']):.1f}x fewer) "
+          f"-> {out}")
+    return 0
+
+
+def _compare(args) -> int:
+    """Mean PSNR vs no reuse of named schedules on held-out prompts and seeds; JSON + markdown table."""
+    from pathlib import Path
+
+    from .search import Evaluator, named_schedules
+
+    pipe, guidance = _pipeline(args)
+    prompts, seeds = _prompts(args, args.count, seed=0)
+    evaluator = Evaluator(pipe, prompts, seeds, args.steps, guidance, progress=True)
+    rows = []
+    for name, schedule in named_schedules(args.schedules.split(","), args.steps, args.reuse, evaluator.timesteps):
+        rows.append({"strategy": name, "schedule": "".join(map(str, schedule.bits)),
+                     "reuse_steps": schedule.num_reuse, "psnr_db": evaluator([schedule])[0]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "steps": args.steps,
+              "guidance": guidance, "prompts": prompts, "seeds": seeds, "rows": rows,
+              "model_calls": evaluator.calls, "naive_model_calls": evaluator.naive_calls}
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    table = ["| strategy | schedule (1 = compute) | reuse steps | mean PSNR vs no reuse (dB) |", "|---|---|---|---|"]
+    table += [f"| {r['strategy']} | `{r['schedule']}` | {r['reuse_steps']} | {r['psnr_db']:.2f} |" for r in rows]
+    (out / "compare.md").write_text("\n".join(table) + "\n")
+    print(f"{args.sampler} {args.steps} steps, guidance {guidance}, {len(prompts)} held-out prompts x seeds:")
+    print("\n".join(table))
+    return 0
+
+
+def _eval(args) -> int:
+    """Every method on the same prompts and seeds against `full`; JSON, markdown, Pareto plot and grid."""
+    from .evaluation import PRESETS, merge_runs, run_methods, summarize, write_report
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    # One process unless started by `accelerate launch` (or torchrun): then the prompts are split between them.
+    state = PartialState(cpu=args.device == "cpu")
+    if state.num_processes > 1 and args.device != "cpu":
+        args.device = str(state.device)
+    pipe, guidance = _pipeline(args)
+    prompts, seeds = _prompts(args, args.count, seed=0)
+    methods = [m for item in args.methods.split(",") for m in PRESETS.get(item, item).split(",")]
+    with state.split_between_processes(list(range(len(prompts)))) as mine:
+        shard = run_methods(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], methods, args.steps,
+                            guidance, args.repeats, progress=state.is_main_process)
+    shards = gather_object([shard]) if state.num_processes > 1 else [shard]
+    if not state.is_main_process:
+        return 0
+    result = summarize(*merge_runs(shards), prompts, check_faithfulness=args.model is None and args.prompts is None)
+    settings = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "num_steps": args.steps,
+                "guidance_scale": guidance, "repeats": args.repeats, "methods": methods, "seeds": seeds,
+                "processes": state.num_processes}
+    write_report(result, args.out, settings, pipe, prompts)
+    print((__import__("pathlib").Path(args.out) / "eval.md").read_text())
+    print(f"-> {args.out}/eval.json, eval.md, pareto.png, grid.png")
+    return 0
+
+
+def _analyze(args) -> int:
+    """The paper's redundancy (Fig. 2) or sensitivity (Fig. 3) analysis: JSON + PNG plot."""
+    from . import analysis
+
+    pipe, guidance = _pipeline(args)
+    prompts, seeds = _prompts(args, args.count, seed=0)
+    run = getattr(analysis, args.kind)
+    result = run(pipe, prompts, seeds, num_inference_steps=args.steps, guidance_scale=guidance, out=args.out)
+    if args.kind == "redundancy":
+        for name in ("self", "cross"):
+            print(f"{name}-attention: normalised L1 distance to the previous step, steps 2..{args.steps}: "
+                  + " ".join(f"{v:.3f}" for v in result[name]))
+    else:
+        fit = result["fit"]
+        print("final-image distance per perturbed step: " + " ".join(f"{v:.3g}" for v in result["distance"]))
+        print(f"fit k1*exp(-k2*s) on steps {fit['steps'][0]}..{fit['steps'][-1]}: k1={fit['k1']:.3g} "
+              f"k2={fit['k2']:.3f} correlation {fit['correlation']:.3f}")
+    print(f"-> {args.out}/{args.kind}.json and .png")
+    return 0
+
+
 def _generate(args) -> int:
     """One prompt with and without reuse on the default model (or any diffusers model); times both."""
     import torch
 
     from . import apply_attention_reuse
-    from .default_model import DEFAULT_GUIDANCE, load_default_pipeline
     from .metrics import psnr
-    from .sampling import load_pipeline, timed, use_sampler
+    from .sampling import timed
     from .schedule import as_schedule
 
     schedule = as_schedule(args.schedule or f"hurry:{args.steps // 2}", num_steps=args.steps)  # fail fast
-    pipe = load_default_pipeline(device=args.device) if args.model is None else load_pipeline(args.model, args.device)
-    use_sampler(pipe, args.sampler)
-    guidance = DEFAULT_GUIDANCE if args.guidance is None and args.model is None else (args.guidance or 7.5)
+    pipe, guidance = _pipeline(args)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="pil")
     if args.size:
         kwargs.update(height=args.size, width=args.size)
@@ -117,8 +254,10 @@ def _generate(args) -> int:
 def _train_default(args) -> int:
     from .train import train_default
 
+    budget = None if args.unet_minutes is None else 60 * args.unet_minutes
     path = train_default(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device)
+                         vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr, device=args.device,
+                         checkpoint_every=args.checkpoint_every, unet_budget_s=budget)
     print(f"trained model written to {path}; evaluate it with `attnreuse evaluate-default --model {path}`")
     return 0
 
@@ -191,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unet-steps", type=int, default=3000)
     train.add_argument("--vae-batch", type=int, default=16)
     train.add_argument("--unet-batch", type=int, default=32)
+    train.add_argument("--unet-lr", type=float, default=5e-4)
+    train.add_argument("--unet-minutes", type=float, help="train the UNet for as many steps (at most --unet-steps) "
+                                                          "as fit this time; the count is recorded in training.json")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     train.add_argument("--device", default=device)
     train.set_defaults(func=_train_default)
 
@@ -206,6 +349,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", help="comma-separated guidance scales to compare on a validation split first")
     ev.add_argument("--device", default=device)
     ev.set_defaults(func=_evaluate_default)
+
+    def command(name, func, help, description):
+        """A subcommand with the options every model-running command shares."""
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("--model", help="diffusers model path or hub id (default: the shipped default model)")
+        p.add_argument("--prompts", help="file with one prompt per line (default: captions of the shapes grammar)")
+        p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 7.5 elsewhere)")
+        p.add_argument("--device", default=device)
+        p.set_defaults(func=func)
+        return p
+
+    search = command("search", _search, "search a reuse schedule (PHAST, or exhaustive for small N)",
+                     "PHAST (paper Algorithm 1) from HURRY on a calibration set, utility = mean PSNR against the "
+                     "no-reuse images; resumable through --state.")
+    search.add_argument("--reuse", type=int, default=10, help="number of reuse steps r")
+    search.add_argument("--calibration", type=int, default=8, help="calibration prompts (one seed each)")
+    search.add_argument("--epsilon", type=float, default=0.0, help="minimum PSNR gain (dB) to keep a swap")
+    search.add_argument("--exhaustive", action="store_true", help="score all C(N-1, r) schedules instead")
+    search.add_argument("--out", default="runs/search/schedule.json")
+    search.add_argument("--state", help="resume file (default: OUT with .state.json)")
+
+    compare = command("compare", _compare, "PSNR of reuse schedules on held-out prompts and seeds",
+                      "Mean PSNR against the no-reuse images for each schedule: hurry, early, random:K, a bit "
+                      "string, or a schedule JSON (moved by timestep when it was searched for another sampler or "
+                      "step count).")
+    compare.add_argument("--schedules", default="hurry,early,random:3")
+    compare.add_argument("--reuse", type=int, default=10)
+    compare.add_argument("--count", type=int, default=16, help="held-out prompts (one seed each)")
+    compare.add_argument("--out", default="runs/compare")
+
+    ev2 = command("eval", _eval, "compare reuse with step reduction and the peers at measured latency",
+                  "Run each method on the same prompts and seeds as the full N-step sampler and report latency, "
+                  "peak memory, PSNR, SSIM (and, on the default model, the faithfulness checker), matched-latency "
+                  "pairs, a Pareto plot and a grid.")
+    ev2.add_argument("--methods", default="quick", help="comma list of presets (quick, paper) and methods: full, steps:K, "
+                     "hurry:R, FILE.json, bit strings, deepcache:I, tgate:S, tome:R, pab:K")
+    ev2.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
+    ev2.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up round")
+    ev2.add_argument("--out", default="runs/eval")
+
+    analyze = command("analyze", _analyze, "the paper's redundancy and sensitivity analyses (JSON + PNG)",
+                      "Fig. 2 (distance between consecutive attention maps) or Fig. 3 (final-image change after "
+                      "perturbing the logits at one step, with its exponential fit).")
+    analyze.add_argument("kind", choices=["redundancy", "sensitivity"])
+    analyze.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
+    analyze.add_argument("--out", default="runs/analysis")
     return parser
 
 
