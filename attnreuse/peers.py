@@ -4,7 +4,8 @@
 [0, 1]. Specs: `full`, `steps:K` (step reduction), `hurry:R`, a schedule JSON or bit string (attention reuse),
 and the peers, installed with `pip install "attnreuse[peers]"`: `deepcache:I` (DeepCache, cache interval I),
 `tgate:S` (T-GATE, gate step S), `tome:R` (ToMe for SD, merge ratio R), `pab:K` (diffusers' pyramid attention
-broadcast, attention recomputed every K steps inside its default timestep window). A peer that cannot run
+broadcast, attention recomputed every K steps inside its default timestep window), `fbc:T` and `fastercache`
+(diffusers' first-block cache with threshold T, and FasterCache; both are built for transformer denoisers). A peer that cannot run
 raises `PeerUnavailable` with the reason, so a report can say why it is missing.
 """
 
@@ -24,7 +25,7 @@ class PeerUnavailable(RuntimeError):
 def family(spec: str) -> str:
     """The curve a spec belongs to in the Pareto plot: `full`, `steps`, `reuse` or the peer's name."""
     name = spec.split(":")[0]
-    return name if name in ("full", "steps", "deepcache", "tgate", "tome", "pab") else "reuse"
+    return name if name in ("full", "steps", "deepcache", "tgate", "tome", "pab", "fbc", "fastercache") else "reuse"
 
 
 def _images(output) -> np.ndarray:
@@ -87,6 +88,9 @@ def method(pipe, spec: str, num_steps: int, guidance_scale: float):
     elif name == "pab":
         with _pab(pipe, int(arg or 2)):
             yield run
+    elif name in ("fbc", "fastercache"):
+        with _diffusers_cache(pipe, name, float(arg or 0.05)):
+            yield run
     else:
         schedule = as_schedule(spec if name != "hurry" else f"hurry:{num_steps}:{arg}")
         with apply_attention_reuse(pipe, schedule):
@@ -120,3 +124,27 @@ def _pab(pipe, skip: int):
         hook.remove()
         HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK,
                                                                           recurse=True)
+
+
+@contextmanager
+def _diffusers_cache(pipe, name: str, threshold: float):
+    """diffusers' FirstBlockCache or FasterCache hooks on the UNet, removed on exit even when they fail."""
+    from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, HookRegistry, apply_faster_cache,
+                                 apply_first_block_cache)
+
+    hooks = ("fbc_leader_block_hook", "fbc_block_hook", "faster_cache_denoiser", "faster_cache_block")
+    try:
+        try:
+            if name == "fbc":
+                apply_first_block_cache(pipe.unet, FirstBlockCacheConfig(threshold=threshold))
+            else:
+                apply_faster_cache(pipe.unet, FasterCacheConfig(current_timestep_callback=lambda: 500,
+                                                                 attention_weight_callback=lambda _: 0.5))
+            yield
+        finally:
+            registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
+            for hook in hooks:
+                registry.remove_hook(hook, recurse=True)
+    except Exception as err:  # noqa: BLE001 - they target transformer denoisers: say so in the report
+        raise PeerUnavailable(f"diffusers' {name} does not run on {type(pipe.unet).__name__}: "
+                              f"{type(err).__name__}: {err}") from None

@@ -72,6 +72,15 @@ def test_a_peer_that_is_not_installed_says_why(pipe, monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("spec", ["fbc:0.05", "fastercache"])
+def test_diffusers_caches_for_transformers_are_reported_on_a_unet_and_removed(pipe, spec):
+    before = _full(pipe)
+    with pytest.raises(PeerUnavailable, match="does not run on UNet2DConditionModel"):
+        with method(pipe, spec, 4, 4.5) as run:
+            run(["a red circle on the left"], [torch.Generator().manual_seed(0)])
+    np.testing.assert_array_equal(_full(pipe), before)
+
+
 def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--steps", "4", "--count", "2", "--repeats", "1", "--methods",
