@@ -108,28 +108,20 @@ class _Recorder:
 class _Perturber:
     """Maps as `_attention_map`, with Gaussian noise on the pre-softmax logits at call `step` only.
 
-    `_attention_map` returns post-softmax maps, so its steps (baddbmm with alpha=scale, diffusers' upcasting)
-    are repeated here to reach the logits. The noise is noise * RMS(logits) * N(0, 1), RMS = ||logits||_F /
-    sqrt(numel), taken before the mask is added (a -inf mask entry would make the norm infinite). One
-    generator seeded from (noise_seed, step) serves all layers in their fixed call order: runs are repeatable.
+    The noise is noise * RMS(logits) * N(0, 1), RMS = ||logits||_F / sqrt(numel), taken before the mask is added
+    (a -inf mask entry would make the norm infinite). One generator seeded from (noise_seed, step) serves all
+    layers in their fixed call order: runs are repeatable.
     """
 
     def __init__(self, noise: float, noise_seed: int, step: int | None):
         self.call, self.noise, self.noise_seed, self.step, self._generator = 0, noise, noise_seed, step, None
 
     def __call__(self, name, attn, query, key, mask, scale):
-        dtype = query.dtype
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        empty = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device)
-        scores = torch.baddbmm(empty, query, key.transpose(-1, -2), beta=0, alpha=scale)
-        if attn.upcast_softmax:
-            scores = scores.float()
-        if self.call == self.step:
-            scores = scores + self.noise * self._rms(scores) * self._randn(scores)
-        if mask is not None:
-            scores = scores + mask
-        return scores.softmax(dim=-1).to(dtype)
+        perturb = self._perturb if self.call == self.step else None
+        return _attention_map(attn, query, key, mask, scale, perturb=perturb)
+
+    def _perturb(self, scores):
+        return scores + self.noise * self._rms(scores) * self._randn(scores)
 
     @staticmethod
     def _rms(scores):

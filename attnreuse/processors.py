@@ -65,20 +65,26 @@ def _heads(attn, x: torch.Tensor, norm=None) -> torch.Tensor:
     return norm(x) if norm is not None else x
 
 
-def _attention_map(attn, query: torch.Tensor, key: torch.Tensor, mask, scale: float) -> torch.Tensor:
+def _attention_map(attn, query: torch.Tensor, key: torch.Tensor, mask, scale: float, perturb=None) -> torch.Tensor:
     """softmax(Q K^T * scale + mask) as diffusers' `Attention.get_attention_scores` (upcasting included), but
-    with the scale the layer's own processor applies."""
+    with the scale the layer's own processor applies. `perturb` (analyses only) maps the logits before the mask
+    is added."""
     dtype = query.dtype
     if attn.upcast_attention:
         query, key = query.float(), key.float()
-    if mask is None:
-        mask, beta = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype,
-                                 device=query.device), 0
+    folded = mask if perturb is None else None  # the mask goes into baddbmm unless the bare logits are needed
+    if folded is None:
+        folded, beta = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype,
+                                   device=query.device), 0
     else:
         beta = 1
-    scores = torch.baddbmm(mask, query, key.transpose(-1, -2), beta=beta, alpha=scale)
+    scores = torch.baddbmm(folded, query, key.transpose(-1, -2), beta=beta, alpha=scale)
     if attn.upcast_softmax:
         scores = scores.float()
+    if perturb is not None:
+        scores = perturb(scores)
+        if mask is not None:
+            scores = scores + mask
     return scores.softmax(dim=-1).to(dtype)
 
 
