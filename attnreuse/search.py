@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .cache import plan_actions
 from .hooks import apply_attention_reuse
+from .metrics import psnr
 from .schedule import Schedule
 
 __all__ = ["Evaluator", "phast", "exhaustive", "bit_flips", "named_schedules", "PSNR_CAP"]
@@ -133,8 +133,7 @@ class Evaluator:
     # -- utilities ---------------------------------------------------------------------------------------
     def psnr(self, images: np.ndarray) -> float:
         """Mean over images of the PSNR (dB, capped at PSNR_CAP) against the no-reuse images."""
-        mse = ((images.astype(np.float64) - self.references) ** 2).reshape(len(images), -1).mean(1)
-        return float(np.mean([min(PSNR_CAP, 10 * math.log10(1 / m)) if m > 0 else PSNR_CAP for m in mse]))
+        return float(np.mean([min(PSNR_CAP, psnr(image, reference)) for image, reference in zip(images, self.references)]))
 
     def __call__(self, schedules) -> list[float]:
         """Utilities of the schedules (known ones are not run again), running the new ones in sorted order."""
