@@ -133,7 +133,8 @@ class Evaluator:
     # -- utilities ---------------------------------------------------------------------------------------
     def psnr(self, images: np.ndarray) -> float:
         """Mean over images of the PSNR (dB, capped at PSNR_CAP) against the no-reuse images."""
-        return float(np.mean([min(PSNR_CAP, psnr(image, reference)) for image, reference in zip(images, self.references)]))
+        pairs = zip(images, self.references)
+        return float(np.mean([min(PSNR_CAP, psnr(image, reference)) for image, reference in pairs]))
 
     def __call__(self, schedules) -> list[float]:
         """Utilities of the schedules (known ones are not run again), running the new ones in sorted order."""
