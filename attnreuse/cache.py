@@ -38,25 +38,17 @@ def plan_actions(bits: tuple[int, ...]) -> tuple[str, ...]:
     )
 
 
-@dataclass
-class Slot:
-    """What one layer keeps between its compute call and the reuse calls that follow it."""
-
-    attn_map: torch.Tensor  # softmax(Q K^T * scale), shape (batch * heads, queries, keys)
-    output: torch.Tensor | None = None  # cross-attention only: to_out(A V), exact while the context is unchanged
-    context: torch.Tensor | None = None  # the encoder states `output` was computed from (identity-checked)
-    context_version: int = -1
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.attn_map, self.output) if t is not None)
+def slot_bytes(slot: tuple) -> int:
+    """Bytes one layer's cache slot holds. A slot is (kind, tensors..., [fp8 unscale factor]), kind one of
+    processors.MODES/CROSS/NONE; a plain tuple so that `torch.compile` traces it without guards on objects."""
+    return sum(t.numel() * t.element_size() for t in slot[1:] if isinstance(t, torch.Tensor))
 
 
 @dataclass
 class LayerCounts:
     computed: int = 0  # calls that computed Q K^T (stores included)
-    stored: int = 0  # of those, calls that kept the map for later reuse
-    reused: int = 0  # calls that used a cached map
+    stored: int = 0  # of those, calls that kept something (map, Q and K, or output) for later reuse
+    reused: int = 0  # calls that used the cache
 
 
 @dataclass
@@ -72,13 +64,17 @@ class ReuseState:
     get_scheduler: Callable[[], object] = lambda: None
     cache_dtype: torch.dtype | None = None
     layers: tuple[str, ...] = ()
+    max_cache_bytes: int | None = None
+    context_changed: bool = False  # the text differs from the store call's: cross-attention recomputes A V
     plan: tuple[str, ...] = ()
     call: int = -1
     action: str = COMPUTE
     generations: int = 0
     peak_bytes: int = 0
-    slots: dict[str, Slot] = field(default_factory=dict)
+    slots: dict[str, tuple] = field(default_factory=dict)
     counts: dict[str, LayerCounts] = field(default_factory=dict)
+    _before: dict[str, tuple] = field(default_factory=dict)
+    _context: tuple = (None, -1)  # the encoder states of the last store call, and their version
     _timesteps_ref: object = None
     _last_t: float | None = None
     _ended: bool = False
@@ -87,8 +83,9 @@ class ReuseState:
         self.counts = {name: LayerCounts() for name in self.layers}
 
     # -- step tracking --------------------------------------------------------------------------
-    def before_call(self, timestep) -> None:
-        """Called before every denoiser call: start a generation if one begins here, then pick the action."""
+    def before_call(self, timestep, context=None) -> None:
+        """Called before every denoiser call (outside any compiled region): start a generation if one begins
+        here, pick the action, and note whether the text (`context`) is the one the cache was made with."""
         scheduler = self.get_scheduler()
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
         finished = self._ended or self.call + 1 >= len(self.plan)
@@ -103,9 +100,25 @@ class ReuseState:
             self._last_t = t
         self.call += 1
         self.action = self.plan[self.call]
+        version = getattr(context, "_version", -1)
+        if self.action == STORE:
+            self._context = (context, version)
+        self.context_changed = self.action == REUSE and (context is not self._context[0]
+                                                         or version != self._context[1])
+        self._before = dict(self.slots)
 
     def after_call(self) -> None:
-        """Called after every denoiser call: free the cache once the generation's last call is done."""
+        """Called after every denoiser call: count what each layer did (from the cache itself, so the counts
+        cannot disagree with it), and free the cache once the generation's last call is done."""
+        for name in self.layers:
+            slot, counts = self.slots.get(name), self.counts[name]
+            if self.action == REUSE and slot is not None and slot[0] != "none":
+                counts.reused += 1
+            else:
+                counts.computed += 1
+            counts.stored += slot is not None and slot is not self._before.get(name) and slot[0] != "none"
+        self._before = {}
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
         if self.call == len(self.plan) - 1:
             self.free()
 
@@ -124,11 +137,11 @@ class ReuseState:
     def snapshot(self) -> tuple:
         """Where the generation stands: its plan, call index and cached maps (by reference; maps are never
         changed in place). `restore` continues from here, so a schedule search can branch from a shared prefix."""
-        return self.plan, self.call, dict(self.slots), self._last_t
+        return self.plan, self.call, dict(self.slots), self._last_t, self._context
 
     def restore(self, snapshot: tuple, plan: tuple[str, ...] | None = None) -> None:
         """Continue from `snapshot`, optionally with another plan that agrees with it on the calls made so far."""
-        self.plan, self.call, slots, self._last_t = snapshot
+        self.plan, self.call, slots, self._last_t, self._context = snapshot
         self.slots, self._ended = dict(slots), False
         if plan is not None:
             self.plan = plan
@@ -154,11 +167,7 @@ class ReuseState:
         return self.schedule.for_timesteps(call_ts).bits
 
     # -- cache ----------------------------------------------------------------------------------
-    def put(self, name: str, slot: Slot) -> None:
-        self.slots[name] = slot
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
-
-    def get(self, name: str) -> Slot:
+    def get(self, name: str) -> tuple:
         slot = self.slots.get(name)
         if slot is None:
             raise RuntimeError(
@@ -169,15 +178,16 @@ class ReuseState:
 
     def free(self) -> None:
         self.slots.clear()
+        self._context = (None, -1)
 
     @property
     def nbytes(self) -> int:
-        return sum(slot.nbytes for slot in self.slots.values())
+        return sum(slot_bytes(slot) for slot in self.slots.values())
 
     def reset(self) -> None:
         """Forget the cache, the position in the schedule and the counts."""
         self.free()
         self.plan, self.call, self.action = (), -1, COMPUTE
-        self.generations, self.peak_bytes = 0, 0
+        self.generations, self.peak_bytes, self.context_changed = 0, 0, False
         self._timesteps_ref, self._last_t, self._ended = None, None, False
         self.counts = {name: LayerCounts() for name in self.layers}

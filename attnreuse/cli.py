@@ -83,14 +83,14 @@ def _pipeline(args):
     return pipe, guidance
 
 
-def _prompts(args, count: int, seed: int) -> tuple[list[str], list[int]]:
-    """`--prompts FILE` (one per line), else `count` captions of the shapes grammar (half with two shapes) drawn
-    from data set items of `seed`; image i gets seed i."""
+def _prompts(args, count: int, seed: int, skip: int = 0) -> tuple[list[str], list[int]]:
+    """`--prompts FILE` (one per line, from line `skip` on), else `count` captions of the shapes grammar (half with
+    two shapes) drawn from data set items of `seed`; image i gets seed i."""
     from .evaluation import held_out_captions
 
     if args.prompts:
         with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()][:count]
+            prompts = [line.strip() for line in f if line.strip()][skip:skip + count]
     elif args.model is None:
         prompts = held_out_captions(count - count // 2, False, seed) + held_out_captions(count // 2, True, seed)
     else:
@@ -102,30 +102,21 @@ def _search(args) -> int:
     """PHAST (or exhaustive) search on a calibration set; writes the schedule JSON and a summary."""
     from pathlib import Path
 
-    from .schedule import Schedule
-    from .search import Evaluator, exhaustive, phast
+    from .search import search_schedule
 
     pipe, guidance = _pipeline(args)
     prompts, seeds = _prompts(args, args.calibration, seed=3)  # seed 3: never the held-out or validation captions
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = Path(args.state) if args.state else out.with_suffix(".state.json")
-    evaluator = Evaluator(pipe, prompts, seeds, args.steps, guidance, state_file=state, progress=True)
-    hurry = evaluator([Schedule.hurry(args.steps, args.reuse)])[0]
-    meta = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "reuse_steps": args.reuse,
-            "hurry_psnr_db": hurry, "calibration_seed": 3}
-    if args.exhaustive:
-        ranked = exhaustive(evaluator, args.steps, args.reuse)
-        best = ranked[0][0]
-        meta["ranking"] = [[str(s), round(u, 3)] for s, u in ranked]
-    else:
-        best, history = phast(evaluator, args.steps, args.reuse, epsilon=args.epsilon)
-        meta.update(strategy="phast", epsilon=args.epsilon, history=history)
-    schedule = evaluator.describe(best, **meta)
+    schedule = search_schedule(pipe, prompts, seeds, args.steps, args.reuse, guidance, args.epsilon, args.exhaustive,
+                               state, progress=True, model=args.model or "attnreuse default model",
+                               sampler=args.sampler, calibration_seed=3)
     schedule.to_json(out, indent=1)
     m = schedule.meta
     print(f"{m.get('strategy')} schedule {schedule}: "
-          f"{m['psnr_db']:.2f} dB mean PSNR vs no reuse on {len(prompts)} calibration images (HURRY {hurry:.2f} dB); "
+          f"{m['psnr_db']:.2f} dB mean PSNR vs no reuse on {len(prompts)} calibration images "
+          f"(HURRY {m['hurry_psnr_db']:.2f} dB); "
           f"{m['evaluations']} schedules, {m['model_calls']} denoiser calls with shared prefixes vs "
           f"{m['naive_model_calls']} for full runs ({m['naive_model_calls'] / max(1, m['model_calls']):.1f}x fewer) "
           f"-> {out}")
@@ -162,9 +153,12 @@ def _compare(args) -> int:
 def _eval(args) -> int:
     """Every method on the same prompts and seeds against `full`; JSON, markdown, Pareto plot and grid."""
     from .evaluation import PRESETS, merge_runs, run_methods, summarize, write_report
+    from .metrics import load_extra_metrics
 
     from accelerate import PartialState
     from accelerate.utils import gather_object
+
+    extra = load_extra_metrics(args.clip_model, args.lpips, args.fid)  # a missing weights file stops it here
 
     # One process unless started by `accelerate launch` (or torchrun): then the prompts are split between them.
     state = PartialState(cpu=args.device == "cpu")
@@ -173,16 +167,21 @@ def _eval(args) -> int:
     pipe, guidance = _pipeline(args)
     prompts, seeds = _prompts(args, args.count, seed=0)
     methods = [m for item in args.methods.split(",") for m in PRESETS.get(item, item).split(",")]
+    # phast:R searches on what `attnreuse search` calibrates on (captions of seed 3, or the prompt file's lines
+    # after the evaluated ones), less any prompt evaluated here
+    calibration = [p for p in _prompts(args, args.calibration, seed=3, skip=args.count)[0] if p not in prompts]
     with state.split_between_processes(list(range(len(prompts)))) as mine:
         shard = run_methods(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], methods, args.steps,
-                            guidance, args.repeats, progress=state.is_main_process)
+                            guidance, args.repeats, progress=state.is_main_process, calibration=calibration)
     shards = gather_object([shard]) if state.num_processes > 1 else [shard]
     if not state.is_main_process:
         return 0
-    result = summarize(*merge_runs(shards), prompts, check_faithfulness=args.model is None and args.prompts is None)
+    result = summarize(*merge_runs(shards), prompts, check_faithfulness=args.model is None and args.prompts is None,
+                       extra_metrics=extra)
     settings = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "num_steps": args.steps,
                 "guidance_scale": guidance, "repeats": args.repeats, "methods": methods, "seeds": seeds,
-                "processes": state.num_processes}
+                "processes": state.num_processes, "calibration_prompts": calibration,
+                "extra_metrics": {"clip_model": args.clip_model, "lpips": args.lpips, "fid": args.fid}}
     write_report(result, args.out, settings, pipe, prompts)
     print((__import__("pathlib").Path(args.out) / "eval.md").read_text())
     print(f"-> {args.out}/eval.json, eval.md, pareto.png, grid.png")
@@ -383,11 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev2 = command("eval", _eval, "compare reuse with step reduction and the peers at measured latency",
                   "Run each method on the same prompts and seeds as the full N-step sampler and report latency, "
-                  "peak memory, PSNR, SSIM (and, on the default model, the faithfulness checker), matched-latency "
-                  "pairs, a Pareto plot and a grid.")
+                  "peak memory, PSNR, SSIM (and, on the default model, the faithfulness checker; opt-in: CLIP score, "
+                  "LPIPS, FID), matched-latency pairs, a Pareto plot and a grid.")
     ev2.add_argument("--methods", default="quick", help="comma list of presets (quick, paper) and methods: full, steps:K, "
-                     "hurry:R, FILE.json, bit strings, deepcache:I, tgate:S, tome:R, pab:K")
+                     "hurry:R, phast:R, FILE.json, bit strings, deepcache:I, tgate:S, tome:R, pab:K, taylorseer:I, "
+                     "fbc:T, fastercache")
     ev2.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
+    ev2.add_argument("--calibration", type=int, default=4,
+                     help="prompts phast:R searches on (captions of seed 3, or the prompt file's lines after the "
+                          "first --count; never the evaluated ones); the schedule is cached in $ATTNREUSE_CACHE/"
+                          "schedules (default ~/.cache/attnreuse/schedules)")
+    ev2.add_argument("--clip-model", help="CLIP score against the prompts with this local transformers CLIP folder")
+    ev2.add_argument("--lpips", action="store_true", help="LPIPS against the full images (AlexNet weights must be "
+                                                          "in the torch hub cache)")
+    ev2.add_argument("--fid", action="store_true", help="FID against the full images (InceptionV3 weights must be "
+                                                        "in the torch hub cache)")
     ev2.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up round")
     ev2.add_argument("--out", default="runs/eval")
 
@@ -397,7 +406,70 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("kind", choices=["redundancy", "sensitivity"])
     analyze.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
     analyze.add_argument("--out", default="runs/analysis")
+
+    bench = sub.add_parser(
+        "bench", help="per-call and end-to-end cost of each reuse mode on the SD1.5 / SDXL UNet architectures",
+        description="Random-weight UNets from the published configs (attnreuse/configs): milliseconds of plain, "
+                    "store and reuse calls per mode and a 20-step DDIM loop with the paper's PHAST schedule, each "
+                    "as a ratio to the no-reuse baseline measured in the same run. fp16 on CUDA, fp32 on CPU.")
+    bench.add_argument("--arch", default="sd15", help="comma list of sd15, sdxl")
+    bench.add_argument("--batch", default="2", help="comma list of UNet batch sizes (2 = one image with CFG)")
+    bench.add_argument("--modes", default="map,map-torch,map-fp8,qk,output,auto",
+                       help="comma list of: map (Triton kernels where they run), map-torch (plain torch), map-fp16, "
+                            "map-fp8, qk, output, auto")
+    bench.add_argument("--schedule", default=None, help="end-to-end schedule (default: the paper's PHAST, r=10)")
+    bench.add_argument("--repeats", type=int, help="timed calls per kind (default: 20 on CUDA, where one call is "
+                                                   "launch-bound and jittery, 3 on CPU)")
+    bench.add_argument("--e2e-repeats", type=int, default=3, help="timed end-to-end runs per mode")
+    bench.add_argument("--e2e-modes", help="modes of the end-to-end runs (default: --modes; 'none' for none)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the UNet first")
+    bench.add_argument("--size", type=int, help="image size in pixels (default: 512 for sd15, 1024 for sdxl)")
+    bench.add_argument("--device", default=device)
+    bench.add_argument("--dtype", help="float16, bfloat16 or float32 (default: float16 on CUDA, float32 on CPU)")
+    bench.add_argument("--quality", action="store_true",
+                       help="instead of timing: PSNR of each mode against no reuse on the default model (or --model)")
+    bench.add_argument("--model", help="with --quality: a diffusers model path or hub id (default: the default model)")
+    bench.add_argument("--count", type=int, default=16, help="with --quality: held-out captions (one seed each)")
+    bench.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (appended)")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+def _bench(args) -> int:
+    """Run `bench.bench` for each architecture and batch, print markdown tables, append to OUT/bench.json."""
+    from pathlib import Path
+
+    from . import bench as b
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        args.sampler, args.guidance = "ddim", None
+        pipe, guidance = _pipeline(args)
+        modes = [m for m in args.modes.split(",") if m != "map-torch"]  # the same map as "map"
+        result = b.quality(pipe, args.schedule or b.PAPER_PHAST_DDIM20, args.count, modes, guidance)
+        rows = [f"| {m} | {r['psnr_vs_full_db']:.2f} dB | {r['psnr_vs_map_db']:.2f} dB | {r['cache_mib']:.1f} MiB |"
+                for m, r in result["modes"].items()]
+        text = "\n".join([f"Schedule `{result['schedule']}`, {result['count']} held-out captions, guidance "
+                          f"{result['guidance']}:", "", "| mode | PSNR vs no reuse | PSNR vs map mode | cache |",
+                          "|---|---|---|---|", *rows, ""])
+        print(text)
+        (out / "quality.json").write_text(json.dumps(result, indent=1))
+        (out / "quality.md").write_text(text)
+        return 0
+    path = out / "bench.json"
+    results = json.loads(path.read_text()) if path.exists() else []
+    for arch in args.arch.split(","):
+        for batch in (int(x) for x in args.batch.split(",")):
+            e2e = None if args.e2e_modes is None else () if args.e2e_modes == "none" else args.e2e_modes.split(",")
+            repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
+            result = b.bench(arch, batch, args.device, args.dtype, tuple(args.modes.split(",")), repeats,
+                             args.e2e_repeats, args.schedule or b.PAPER_PHAST_DDIM20, args.compile, e2e, args.size)
+            print(b.markdown([result]), flush=True)
+            results.append(result)
+            path.write_text(json.dumps(results, indent=1))
+            (out / "bench.md").write_text(b.markdown(results))
+    return 0
 
 
 def _cuda() -> bool:

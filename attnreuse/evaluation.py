@@ -64,9 +64,9 @@ def image_grid(images: np.ndarray, columns: int = 8, upscale: int = 2, pad: int 
 
 
 PRESETS = {  # --methods shorthands; the paper's ranges: r 4..12 of 20, K 10..18 steps
-    "quick": "full,steps:10,steps:13,steps:16,hurry:6,hurry:10,deepcache:3,tgate:10,tome:0.5,pab:2",
+    "quick": "full,steps:10,steps:13,steps:16,hurry:6,hurry:10,deepcache:3,tgate:10,tome:0.5,pab:2,taylorseer:5",
     "paper": ",".join(["full"] + [f"steps:{k}" for k in range(10, 19, 2)] + [f"hurry:{r}" for r in range(4, 13, 2)]
-                     + ["deepcache:2", "deepcache:3", "deepcache:5", "tgate:10", "tome:0.5", "pab:2"]),
+                     + ["deepcache:2", "deepcache:3", "deepcache:5", "tgate:10", "tome:0.5", "pab:2", "taylorseer:5"]),
 }
 
 
@@ -110,6 +110,7 @@ def _timed_run(run, prompts, seeds, device):
     return images, seconds, memory.used
 
 
+EXTRA_COLUMNS = {"clip_score": "CLIP score", "lpips": "LPIPS", "fid": "FID"}  # opt-in, see metrics.load_extra_metrics
 MATCH_TOLERANCE = 0.05  # latency ratios closer than this count as matched; farther pairs are reported as such
 
 
@@ -130,10 +131,12 @@ def matched_latency(rows: list[dict]) -> list[dict]:
 
 
 def run_methods(pipe, prompts: list[str], seeds: list[int], methods: list[str], num_steps: int = 20,
-                guidance_scale: float = 7.5, repeats: int = 2, progress: bool = True) -> tuple[dict, dict]:
-    """Generate with every method: ({spec: {"images", "times", "memory"}}, {spec: reason it could not run}).
-    A warm-up round, then `repeats` timed rounds; every round runs every method once, so drift on a shared
-    machine hits all alike."""
+                guidance_scale: float = 7.5, repeats: int = 2, progress: bool = True,
+                calibration: list[str] | None = None) -> tuple[dict, dict]:
+    """Generate with every method: ({spec: {"images", "times", "memory", "info"}}, {spec: reason it could not
+    run}). A warm-up round, then `repeats` timed rounds; every round runs every method once, so drift on a shared
+    machine hits all alike. `calibration`: the prompts `phast:R` searches on (never `prompts`); its search runs
+    when the method is entered, outside the timed generation."""
     from .peers import method
 
     device = pipe.unet.device
@@ -147,8 +150,9 @@ def run_methods(pipe, prompts: list[str], seeds: list[int], methods: list[str], 
             if spec in errors:
                 continue
             try:
-                with method(pipe, spec, num_steps, guidance_scale) as run:
+                with method(pipe, spec, num_steps, guidance_scale, calibration) as run:
                     images, seconds, memory = _timed_run(run, prompts, seeds, device)
+                runs[spec]["info"] = getattr(run, "info", {})
             except Exception as err:  # noqa: BLE001 - a method that fails is reported with its reason
                 errors[spec] = f"{type(err).__name__}: {err}"
                 continue
@@ -159,12 +163,13 @@ def run_methods(pipe, prompts: list[str], seeds: list[int], methods: list[str], 
     return runs, errors
 
 
-def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: bool = False) -> dict:
-    """Rows of figures per method against `full` (latency ratio, peak memory, PSNR, SSIM, faithfulness) and the
-    matched-latency pairs."""
+def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: bool = False,
+              extra_metrics: dict | None = None) -> dict:
+    """Rows of figures per method against `full` (latency ratio, peak memory, PSNR, SSIM, faithfulness, the
+    `load_extra_metrics` ones, the schedule a reuse method ran) and the matched-latency pairs."""
     from statistics import median
 
-    from .metrics import image_metrics
+    from .metrics import extra_scores, image_metrics
     from .peers import family
     from .search import PSNR_CAP
 
@@ -183,7 +188,8 @@ def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: 
         row.update(latency_s=latency, latency_ratio=latency / median(runs["full"]["times"]),
                    times_s=runs[spec]["times"], peak_memory_mib=runs[spec]["memory"] / 2**20,
                    psnr_db=float(np.mean([min(v, PSNR_CAP) for v in scores["psnr_db"]])),
-                   ssim=float(np.mean(scores["ssim"])))
+                   ssim=float(np.mean(scores["ssim"])), **extra_scores(extra_metrics or {}, images, reference, prompts),
+                   **runs[spec].get("info", {}))
         if check_faithfulness:
             row["faithfulness"] = faithfulness((images * 255).round().astype(np.uint8), prompts)["pass_rate"]
         rows.append(row)
@@ -192,12 +198,15 @@ def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: 
 
 def compare_methods(pipe, prompts: list[str], seeds: list[int], methods: list[str], num_steps: int = 20,
                     guidance_scale: float = 7.5, repeats: int = 2, check_faithfulness: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, calibration: list[str] | None = None,
+                    extra_metrics: dict | None = None) -> dict:
     """Run `methods` (see `attnreuse.peers.method`) on the same prompts and seeds and measure each against
     `full` (N steps, no reuse): latency per image (median of the timed rounds), peak memory, PSNR and SSIM
-    against the reference images, and the faithfulness checker's pass rate on the default model's captions."""
-    runs, errors = run_methods(pipe, prompts, seeds, methods, num_steps, guidance_scale, repeats, progress)
-    return summarize(runs, errors, prompts, check_faithfulness)
+    against the reference images, the faithfulness checker's pass rate on the default model's captions, and the
+    extra metrics of `attnreuse.metrics.load_extra_metrics`."""
+    runs, errors = run_methods(pipe, prompts, seeds, methods, num_steps, guidance_scale, repeats, progress,
+                               calibration)
+    return summarize(runs, errors, prompts, check_faithfulness, extra_metrics)
 
 
 def merge_runs(shards: list[tuple[dict, dict]]) -> tuple[dict, dict]:
@@ -210,7 +219,7 @@ def merge_runs(shards: list[tuple[dict, dict]]) -> tuple[dict, dict]:
         if spec in errors or any("images" not in p for p in parts):
             runs[spec] = {"times": [], "memory": 0}
             continue
-        runs[spec] = {"images": np.concatenate([p["images"] for p in parts]),
+        runs[spec] = {"images": np.concatenate([p["images"] for p in parts]), "info": parts[0].get("info", {}),
                       "times": [t for p in parts for t in p["times"]], "memory": max(p["memory"] for p in parts)}
     return runs, errors
 
@@ -241,17 +250,22 @@ def write_report(result: dict, out, settings: dict, pipe, prompts: list[str], co
     report = {"settings": settings, "environment": _environment(pipe), "prompts": prompts,
               "rows": result["rows"], "matched": result["matched"]}
     (out / "eval.json").write_text(json.dumps(report, indent=1))
+    extras = [m for m in EXTRA_COLUMNS if any(m in r for r in result["rows"])]
     lines = [f"{settings['sampler']} {settings['num_steps']} steps, guidance {settings['guidance_scale']}, "
              f"{len(prompts)} prompts x seeds, {report['environment']['device']}", "",
-             "| method | latency vs full | latency / image (s) | peak memory (MiB) | PSNR (dB) | SSIM | faithfulness |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | latency vs full | latency / image (s) | peak memory (MiB) | PSNR (dB) | SSIM | faithfulness |"
+             + "".join(f" {EXTRA_COLUMNS[m]} |" for m in extras), "|---|---|---|---|---|---|---|" + "---|" * len(extras)]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | not run: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['method']} | not run: {r['error'][:120]} | | | | | |" + " |" * len(extras))
             continue
         faith = f"{100 * r['faithfulness']:.0f}%" if "faithfulness" in r else ""
         lines.append(f"| {r['method']} | {r['latency_ratio']:.2f}x | {r['latency_s']:.3f} | {r['peak_memory_mib']:.0f} | "
-                     f"{r['psnr_db']:.2f} | {r['ssim']:.4f} | {faith} |")
+                     f"{r['psnr_db']:.2f} | {r['ssim']:.4f} | {faith} |" + "".join(f" {r[m]:.4g} |" for m in extras))
+    searched = [r for r in result["rows"] if "schedule_file" in r]
+    if searched:
+        lines += ["", "Searched schedules (1 = compute; calibration prompts never evaluated here): "
+                  + "; ".join(f"{r['method']} `{r['schedule']}` ({r['schedule_file']})" for r in searched)]
     if result["matched"]:
         lines += ["", f"Matched latency (nearest step-reduced baseline by measured latency; 'no' where the latencies "
                   f"differ by more than {MATCH_TOLERANCE:.2f} of full):", "",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import ReuseState
-from .processors import SUPPORTED_PROCESSORS, ReuseAttnProcessor
+from .cache import ReuseState, slot_bytes
+from .processors import MODES, SUPPORTED_PROCESSORS, ReuseAttnProcessor, check_kernels
 from .schedule import Schedule, as_schedule
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,24 @@ class AttentionReuseConfig:
             ``"up_blocks.3.*"`` or ``"mid_block.attentions.0.transformer_blocks.0.attn1"``. Each must match.
         attention (`str`, *optional*, defaults to ``"all"``): ``"all"``, ``"self"`` or ``"cross"`` layers.
         cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
-            (``torch.float16`` halves the cache; the paper saw no quality loss).
+            (``torch.float16`` halves the cache; the paper saw no quality loss; ``torch.float8_e4m3fn`` halves it
+            again, stored scaled so that small probabilities survive).
+        mode (`str`, *optional*, defaults to ``"map"``): what a self-attention layer keeps for its reuse calls.
+            ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding, recomputed by flash
+            attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style
+            broadcast, not the paper's method). ``"auto"``: the map where it is small, else Q and K.
+            Cross-attention is an exact output cache in every mode.
+        max_cache_bytes (`int`, *optional*): the cache never holds more. A layer whose choice would not fit keeps
+            something smaller (map -> Q and K) or nothing (it then computes at reuse calls); the choice depends
+            only on shapes, so it is the same for every generation of one size.
     """
 
     schedule: Schedule
     layers: tuple[str, ...] | None = None
     attention: str = "all"
     cache_dtype: torch.dtype | None = None
+    mode: str = "map"
+    max_cache_bytes: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", as_schedule(self.schedule))
@@ -59,6 +70,11 @@ class AttentionReuseConfig:
         if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
                                                  and self.cache_dtype.is_floating_point):
             raise ValueError(f"cache_dtype must be a floating torch.dtype, got {self.cache_dtype!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.max_cache_bytes is not None and not (isinstance(self.max_cache_bytes, int)
+                                                     and self.max_cache_bytes >= 0):
+            raise ValueError(f"max_cache_bytes must be a non-negative int, got {self.max_cache_bytes!r}.")
 
 
 def _find_model(target):
@@ -162,7 +178,8 @@ class AttentionReuseHandle:
             "peak_cache_bytes": state.peak_bytes,
             "layers": {
                 name: {"attention": kinds[name], **vars(state.counts[name]),
-                       "cache_bytes": state.slots[name].nbytes if name in state.slots else 0}
+                       "cache": state.slots[name][0] if name in state.slots else None,
+                       "cache_bytes": slot_bytes(state.slots[name]) if name in state.slots else 0}
                 for name in state.layers
             },
         }
@@ -189,7 +206,11 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
         schedule: a `Schedule`, list of 0/1, string (see `AttentionReuseConfig`), or an `AttentionReuseConfig`.
         scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the
             schedule counts model calls and a timestep going back up starts a new generation.
-        **options: `layers`, `attention`, `cache_dtype`, as in `AttentionReuseConfig`.
+        **options: `layers`, `attention`, `cache_dtype`, `mode`, `max_cache_bytes`, as in `AttentionReuseConfig`.
+
+    With `torch.compile`, apply first and compile after (``pipe.unet = torch.compile(pipe.unet)``), or compile
+    first and apply to the compiled module: the step-tracking hooks run outside the compiled graph either way,
+    and each kind of call (compute, store, reuse) compiles once.
 
     Returns:
         `AttentionReuseHandle`: `remove()` restores the model, `reset()` clears the cache, `stats()` reports.
@@ -211,22 +232,34 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
         raise ValueError("Attention reuse is already applied to this model; call handle.remove() first.")
     names = _select(model, config)
 
-    state = ReuseState(config.schedule, get_scheduler, config.cache_dtype, tuple(names))
+    state = ReuseState(config.schedule, get_scheduler, config.cache_dtype, tuple(names), config.max_cache_bytes)
     current = model.attn_processors
     originals = {name: current[name + ".processor"] for name in names}
-    patched = {key: ReuseAttnProcessor(key.removesuffix(".processor"), proc, state)
-               if key.removesuffix(".processor") in originals else proc for key, proc in current.items()}
+    kinds = attention_layers(model)
+    patched = {key: ReuseAttnProcessor(name, proc, state, config.mode, kinds[name] == "cross")
+               if (name := key.removesuffix(".processor")) in originals else proc for key, proc in current.items()}
     model.set_attn_processor(patched)
+    if config.mode in ("map", "auto"):
+        parameter = next(model.parameters(), None)
+        if parameter is not None and parameter.is_cuda:
+            check_kernels(parameter.device, parameter.dtype,
+                          [model.get_submodule(n).inner_dim // model.get_submodule(n).heads for n in names],
+                          config.cache_dtype)
 
-    params = list(inspect.signature(model.forward).parameters)
-    t_index = params.index("timestep") if "timestep" in params else None
+    forward = getattr(model, "_orig_mod", model).forward  # a compiled model's hooks see the inner signature
+    params = list(inspect.signature(forward).parameters)
 
+    def argument(args, kwargs, name):
+        if name in kwargs:
+            return kwargs[name]
+        index = params.index(name) if name in params else None
+        return args[index] if index is not None and len(args) > index else None
+
+    @torch.compiler.disable
     def before(module, args, kwargs):
-        timestep = kwargs.get("timestep")
-        if timestep is None and t_index is not None and len(args) > t_index:
-            timestep = args[t_index]
-        state.before_call(timestep)
+        state.before_call(argument(args, kwargs, "timestep"), argument(args, kwargs, "encoder_hidden_states"))
 
+    @torch.compiler.disable
     def after(module, args, output):
         state.after_call()
 

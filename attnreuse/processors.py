@@ -1,20 +1,33 @@
-"""The attention processor that computes, stores or reuses attention maps.
+"""The attention processor that computes, stores or reuses attention, in one of three modes per layer.
 
-It follows diffusers' `AttnProcessor` (spatial/group norms, 4-D inputs, `norm_cross`, masks, `attn.scale`,
-upcasting, residual connection, rescale factor). A plain compute call goes to the layer's own processor,
-so a schedule without reuse gives exactly the unpatched model's output.
+map     the paper's method: a store call keeps A = softmax(Q K^T * scale); a reuse call applies it to fresh V.
+qk      keeps Q and K instead of A: a reuse call runs flash attention with the fresh V. The same map up to
+        rounding; memory grows with tokens, not tokens squared; it saves only the Q and K projections.
+output  keeps the layer's attention output and returns it (PAB-style broadcast): not the paper's method; the
+        cheapest reuse and the largest change.
+Cross-attention is an exact output cache in every mode: its V comes from the text, which is constant within a
+generation, so A V cannot change; Q and K are kept as well, so that a changed text still gets A_kept V_new.
+A compute call whose cache no later call reads runs the layer's own processor, so a schedule without reuse gives
+exactly the unpatched model's output, and every other compute keeps flash attention.
+
+The processor reads only `state.action`, `state.context_changed` and the slot dict, and keeps no counters: under
+`torch.compile` each kind of call (compute, store, reuse) is one graph, with no recompilation per step.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
+import torch.nn.functional as F
 from diffusers.models import attention_processor as ap
 
-from .cache import COMPUTE, REUSE, ReuseState, Slot
+from .cache import COMPUTE, REUSE, STORE, ReuseState, slot_bytes
 
-__all__ = ["ReuseAttnProcessor", "SUPPORTED_PROCESSORS"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReuseAttnProcessor", "SUPPORTED_PROCESSORS", "MODES", "CROSS", "NONE"]
 
 # Processors whose math is plain softmax(Q K^T * scale) V; anything else (IP-Adapter, added KV, fused QKV...)
 # would be silently changed at store and reuse calls, so it is refused at apply time.
@@ -25,6 +38,23 @@ SUPPORTED_PROCESSORS: tuple[type, ...] = tuple(
 )
 
 _DEFAULT_SCALE = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "AttnProcessorNPU") if hasattr(ap, n))
+
+MAP, QK, OUTPUT, AUTO = "map", "qk", "output", "auto"
+MODES = (MAP, QK, OUTPUT, AUTO)
+CROSS, NONE = "cross", "none"  # slot kinds besides the modes: a cross-attention cache, a layer left uncached
+_FALLBACK = {MAP: QK, QK: NONE, OUTPUT: NONE, CROSS: NONE}  # what a layer keeps when its first choice would
+# not fit in `max_cache_bytes`; NONE computes at reuse calls
+
+# `auto`: a self-attention layer keeps its map when the map has at most this many (query, key) pairs per head,
+# else Q and K, per device type, from docs/BENCHMARKS.md. On an H100 (fp16) flash attention recomputes a map
+# faster than A V can read it back at every SD1.5/SDXL layer size (largest SD1.5 layer: 0.215 ms against
+# 0.298 ms), so auto keeps Q and K there. On a CPU recomputing is the expensive part, so maps are kept.
+AUTO_MAP_MAX_PAIRS = {"cuda": 0, "cpu": 4096 * 4096}
+
+# fp8 maps are kept as A * scale so that probabilities of about 1/tokens stay normal numbers (e4m3's smallest
+# normal is 2^-6); A <= 1, so the scale is the format's largest value.
+_FP8_SCALE = {getattr(torch, n): torch.finfo(getattr(torch, n)).max
+              for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
 
 def _enter(attn, hidden_states: torch.Tensor, temb):
@@ -48,7 +78,8 @@ def _exit(attn, projected: torch.Tensor, residual: torch.Tensor, shape) -> torch
         projected = projected.transpose(-1, -2).reshape(shape)
     if attn.residual_connection:
         projected = projected + residual
-    return projected / attn.rescale_output_factor
+    factor = attn.rescale_output_factor
+    return projected if factor == 1.0 else projected / factor  # a division by 1 would be one launch per layer
 
 
 def _context(attn, hidden_states, encoder_hidden_states):
@@ -62,6 +93,12 @@ def _context(attn, hidden_states, encoder_hidden_states):
 def _heads(attn, x: torch.Tensor, norm=None) -> torch.Tensor:
     """(batch, tokens, heads * dim) -> (batch * heads, tokens, dim), with the optional per-head norm."""
     x = attn.head_to_batch_dim(x)
+    return norm(x) if norm is not None else x
+
+
+def _split(attn, x: torch.Tensor, norm=None) -> torch.Tensor:
+    """(batch, tokens, heads * dim) -> (batch, heads, tokens, dim) as a view (no copy), as AttnProcessor2_0."""
+    x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
     return norm(x) if norm is not None else x
 
 
@@ -93,20 +130,89 @@ def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](out))
 
 
+def _merge(attn, out: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, queries, dim) -> to_out((batch, queries, heads * dim))."""
+    out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, dim) -> (batch * heads, tokens, dim)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _pack(attn_map: torch.Tensor, dtype) -> tuple:
+    """The map in the cache's dtype, and the factor that undoes an fp8 scale (None otherwise)."""
+    if dtype is None or dtype == attn_map.dtype:
+        return attn_map, None
+    scale = _FP8_SCALE.get(dtype)
+    if scale is None:
+        return attn_map.to(dtype), None
+    return (attn_map * scale).to(dtype), 1.0 / scale
+
+
+_KERNEL_OK: dict[tuple, bool] = {}  # (kernel, device type, dtype, head dim, map dtype) -> passed its check
+USE_KERNELS = True  # the benchmark turns the Triton kernels off to measure the plain torch path beside them
+
+
+def check_kernels(device: torch.device, dtype: torch.dtype, head_dims, map_dtype=None) -> dict:
+    """Run the Triton store and reuse kernels once per head dim against plain torch, at apply time (eagerly,
+    outside any compiled graph). Only what passes is used, so a kernel that cannot build or disagrees on some GPU
+    falls back to plain torch instead of making wrong images."""
+    map_dtype = map_dtype or dtype
+    # the reuse kernel only for fp8 maps: for fp16 maps cuBLAS's batched matmul was faster on an H100
+    # (0.298 against 0.349 ms, docs/BENCHMARKS.md), while for fp8 it saves torch's dequantised copy of A
+    kernels = ("store", "reuse") if map_dtype in _FP8_SCALE else ("store",)
+    for dim in sorted(set(head_dims)):
+        for kernel in kernels:
+            key = (kernel, device.type, dtype, dim, map_dtype)
+            if key not in _KERNEL_OK:
+                _KERNEL_OK[key] = _check_kernel(kernel, device, dtype, dim, map_dtype)
+    return _KERNEL_OK
+
+
+def _check_kernel(kernel: str, device, dtype, dim: int, map_dtype) -> bool:
+    fp8 = map_dtype in _FP8_SCALE
+    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or dim > 128
+            or not (map_dtype == dtype or map_dtype == getattr(torch, "float8_e4m3fn", None))
+            or (fp8 and torch.cuda.get_device_capability(device) < (8, 9))):
+        return False
+    try:
+        from . import kernels
+
+        q, k, v = torch.randn(3, 2, 3, 300, dim, device=device, dtype=dtype)
+        ref = torch.softmax(q.float() @ k.float().transpose(-1, -2) * dim ** -0.5, -1)
+        unscale = 1 / kernels.FP8_SCALE if fp8 else 1.0
+        if kernel == "store":
+            out, attn_map = kernels.attention_with_map(q, k, v, dim ** -0.5, fp8)
+            error = (attn_map.float().view_as(ref) * unscale - ref).abs().max().item()
+            error = max(error / (8 if fp8 else 1), (out.float().transpose(1, 2) - ref @ v.float()).abs().max().item())
+        else:
+            packed = (ref / unscale).to(map_dtype).view(-1, 300, 300)
+            out = kernels.apply_map(packed, v, unscale)
+            error = (out.float().transpose(1, 2) - (packed.float() * unscale).view_as(ref) @ v.float()).abs().max()
+            error = error.item()
+        if error < 2e-2:
+            return True
+        logger.warning("attnreuse: the Triton %s kernel is off by %.3g (head dim %d); plain torch instead", kernel,
+                       error, dim)
+    except Exception as err:  # no Triton, or it cannot build here: plain torch serves
+        logger.info("attnreuse: Triton %s kernel unavailable for head dim %d (%s); plain torch", kernel, dim, err)
+    return False
+
+
+def _kernel_ok(kernel: str, tensor, dim: int, map_dtype) -> bool:
+    return USE_KERNELS and _KERNEL_OK.get((kernel, tensor.device.type, tensor.dtype, dim, map_dtype), False)
+
+
 class ReuseAttnProcessor:
-    """Attention with a map cache, driven by the shared `ReuseState`.
+    """Attention with a cache slot per layer, driven by the shared `ReuseState` (see the module docstring)."""
 
-    compute: the layer's original processor runs unchanged (fast SDPA where it was SDPA).
-    store:   A = softmax(Q K^T * scale) is computed explicitly, kept, and A V is returned.
-    reuse:   Q, K and the softmax are skipped; the kept A is applied to V from the current hidden states.
-             For cross-attention V comes from the text, which is constant within a generation, so while the
-             encoder states are the same tensor the kept output to_out(A V) is returned as is (exact).
-    """
-
-    def __init__(self, name: str, original, state: ReuseState):
+    def __init__(self, name: str, original, state: ReuseState, mode: str = MAP, cross: bool = False):
         self.name = name
         self.original = original
         self.state = state
+        self.mode = OUTPUT if mode == OUTPUT else CROSS if cross else mode
         # follow the conventions of the processor being replaced: diffusers' SDPA processors scale by
         # 1/sqrt(head_dim) whatever attn.scale says, and only AttnProcessor2_0 applies the QK norms
         self._scale_default = isinstance(original, _DEFAULT_SCALE)
@@ -115,54 +221,119 @@ class ReuseAttnProcessor:
         self._original_kwargs = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        action = self.state.action
-        if action == COMPUTE:
-            self.state.counts[self.name].computed += 1
+        state = self.state
+        action = state.action
+        slot = state.get(self.name) if action == REUSE else None
+        if action == COMPUTE or (slot is not None and slot[0] == NONE):
             extra = {k: v for k, v in dict(kwargs, temb=temb).items() if k in self._original_kwargs and v is not None}
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra)
-        hidden_states, residual, shape = _enter(attn, hidden_states, temb)
-        context = _context(attn, hidden_states, encoder_hidden_states)
-        if action == REUSE:
-            return _exit(attn, self._reuse(attn, hidden_states, context, encoder_hidden_states), residual, shape)
-        stored = self._store(attn, hidden_states, context, encoder_hidden_states, attention_mask)  # STORE
-        return _exit(attn, stored, residual, shape)
+        x, residual, shape = _enter(attn, hidden_states, temb)
+        context = _context(attn, x, encoder_hidden_states)
+        if action == STORE:
+            out = self._store(attn, x, context, attention_mask)
+        else:
+            out = self._reuse(attn, x, context, attention_mask, slot)
+        return _exit(attn, out, residual, shape)
 
-    def _store(self, attn, hidden_states, context, encoder_hidden_states, attention_mask):
-        batch, queries, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        query = _heads(attn, attn.to_q(hidden_states), attn.norm_q if self._qk_norm else None)
-        key = _heads(attn, attn.to_k(context), attn.norm_k if self._qk_norm else None)
-        value = _heads(attn, attn.to_v(context))
+    # -- pieces ---------------------------------------------------------------------------------
+    def _qkv(self, attn, x, context):
+        norm_q, norm_k = (attn.norm_q, attn.norm_k) if self._qk_norm else (None, None)
+        query = _split(attn, attn.to_q(x), norm_q)
+        key = _split(attn, attn.to_k(context), norm_k)
+        value = _split(attn, attn.to_v(context))
         scale = query.shape[-1] ** -0.5 if self._scale_default else attn.scale
-        attn_map = _attention_map(attn, query, key, attention_mask, scale)
-        out = _project_out(attn, torch.bmm(attn_map, value))
-        dtype = self.state.cache_dtype or attn_map.dtype
-        slot = Slot(attn_map.to(dtype))
-        if encoder_hidden_states is not None:
-            slot.output, slot.context, slot.context_version = out, encoder_hidden_states, encoder_hidden_states._version
-        self.state.put(self.name, slot)
-        counts = self.state.counts[self.name]
-        counts.computed += 1
-        counts.stored += 1
+        return query, key, value, scale
+
+    @staticmethod
+    def _mask(attn, mask, keys: int, batch: int, heads: bool):
+        """The layer's mask for SDPA (batch, heads, queries, keys) or for the explicit map (batch*heads, ., keys)."""
+        if mask is None:
+            return None
+        mask = attn.prepare_attention_mask(mask, keys, batch)
+        return mask.view(batch, attn.heads, -1, mask.shape[-1]) if heads else mask
+
+    def _sdpa(self, attn, query, key, value, mask, scale):
+        mask = self._mask(attn, mask, key.shape[2], query.shape[0], heads=True)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+    def _kind(self, attn, query, key) -> str:
+        """What this layer keeps: its mode (auto resolved by map size), or a cheaper fallback when the cache
+        would exceed `max_cache_bytes`. Fixed by shapes alone, so every generation of a size chooses the same."""
+        kind = self.mode
+        if kind == AUTO:
+            limit = AUTO_MAP_MAX_PAIRS.get(query.device.type, AUTO_MAP_MAX_PAIRS["cpu"])
+            kind = MAP if query.shape[2] * key.shape[2] <= limit else QK
+        budget = self.state.max_cache_bytes
+        if budget is None:
+            return kind
+        held = self.state.nbytes
+        while kind != NONE and held + self._predicted(kind, attn, query, key) > budget:
+            kind = _FALLBACK[kind]
+        return kind
+
+    def _predicted(self, kind, attn, query, key) -> int:
+        b, h, q, d = query.shape
+        dtype = self.state.cache_dtype or query.dtype
+        size = {MAP: b * h * q * key.shape[2] * dtype.itemsize,
+                QK: slot_bytes((QK, query, key)), OUTPUT: b * q * attn.to_out[0].out_features * query.element_size()}
+        return size[kind] if kind != CROSS else size[QK] + size[OUTPUT]
+
+    def _store(self, attn, x, context, mask):
+        state = self.state
+        state.slots.pop(self.name, None)  # the old slot goes first: the cache never holds two of a layer
+        query, key, value, scale = self._qkv(attn, x, context)
+        kind = self._kind(attn, query, key)
+        if kind == MAP:
+            out, attn_map, unscale = self._map_store(attn, query, key, value, mask, scale)
+            slot = (MAP, attn_map, unscale)
+            out = attn.to_out[1](attn.to_out[0](out))
+        else:
+            out = _merge(attn, self._sdpa(attn, query, key, value, mask, scale))
+            slot = {QK: (QK, query, key), OUTPUT: (OUTPUT, out), CROSS: (CROSS, out, query, key), NONE: (NONE,)}[kind]
+        state.slots[self.name] = slot
         return out
 
-    def _reuse(self, attn, hidden_states, context, encoder_hidden_states):
-        slot = self.state.get(self.name)
-        self.state.counts[self.name].reused += 1
-        if (slot.output is not None and encoder_hidden_states is slot.context
-                and encoder_hidden_states._version == slot.context_version
-                and slot.output.shape[:2] == hidden_states.shape[:2]):
-            return slot.output
-        value = _heads(attn, attn.to_v(context))
-        attn_map = slot.attn_map
-        if attn_map.shape[0] != value.shape[0] or attn_map.shape[1] != hidden_states.shape[1] \
-                or attn_map.shape[2] != value.shape[1]:
+    def _map_store(self, attn, query, key, value, mask, scale):
+        """(out (batch, queries, heads*dim), A (batch*heads, queries, keys) in the cache's dtype, the factor that
+        undoes an fp8 scale or None)."""
+        b, h, q, d = query.shape
+        map_dtype = self.state.cache_dtype or query.dtype
+        if (mask is None and not (attn.upcast_attention or attn.upcast_softmax)
+                and _kernel_ok("store", query, d, map_dtype)):
+            out, attn_map = torch.ops.attnreuse.attention_with_map(query, key, value, scale, map_dtype in _FP8_SCALE)
+            return out.view(b, q, h * d), attn_map, 1 / _FP8_SCALE[map_dtype] if map_dtype in _FP8_SCALE else None
+        mask = self._mask(attn, mask, key.shape[2], b, heads=False)
+        attn_map = _attention_map(attn, _flat(query), _flat(key), mask, scale)
+        out = torch.bmm(attn_map, _flat(value))
+        return (out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), *_pack(attn_map, self.state.cache_dtype))
+
+    def _reuse(self, attn, x, context, mask, slot):
+        kind = slot[0]
+        if kind == OUTPUT or (kind == CROSS and not self.state.context_changed):
+            return slot[1]
+        value = _split(attn, attn.to_v(context))
+        if kind == MAP:
+            attn_map, unscale = slot[1], slot[2]
+            self._check(attn_map, value, x)
+            b, h, k, d = value.shape
+            if _kernel_ok("reuse", value, d, attn_map.dtype):
+                out = torch.ops.attnreuse.apply_map(attn_map, value, 1.0 if unscale is None else unscale)
+                return attn.to_out[1](attn.to_out[0](out.view(b, -1, h * d)))
+            out = torch.bmm(attn_map.to(value.dtype), _flat(value))
+            if unscale is not None:
+                out = out * unscale
+            return _merge(attn, out.view(b, h, -1, d))
+        query, key = slot[-2], slot[-1]  # qk, or cross-attention with a changed text
+        scale = query.shape[-1] ** -0.5 if self._scale_default else attn.scale
+        return _merge(attn, self._sdpa(attn, query, key, value, mask, scale))
+
+    def _check(self, attn_map, value, x):
+        b, h, k, _ = value.shape
+        if attn_map.shape != (b * h, x.shape[1], k):
             raise RuntimeError(
                 f"attnreuse: layer {self.name!r} cached a map of shape {tuple(attn_map.shape)} (batch*heads, queries, "
-                f"keys) but call {self.state.call} has batch*heads={value.shape[0]}, queries={hidden_states.shape[1]}, "
-                f"keys={value.shape[1]}. The batch or resolution changed within one generation (e.g. CFG run as "
-                "separate calls); reset the handle between such calls."
+                f"keys) but call {self.state.call} has batch*heads={b * h}, queries={x.shape[1]}, keys={k}. The batch "
+                "or resolution changed within one generation (e.g. CFG run as separate calls); reset the handle "
+                "between such calls."
             )
-        return _project_out(attn, torch.bmm(attn_map.to(value.dtype), value))

@@ -24,13 +24,18 @@ from .hooks import apply_attention_reuse
 from .metrics import psnr
 from .schedule import Schedule
 
-__all__ = ["Evaluator", "phast", "exhaustive", "bit_flips", "named_schedules", "PSNR_CAP"]
+__all__ = ["Evaluator", "phast", "exhaustive", "bit_flips", "named_schedules", "search_schedule", "cached_phast",
+           "schedule_cache_dir", "PSNR_CAP"]
 
 PSNR_CAP = 100.0  # dB: an image identical to its reference counts as this, so that means stay finite
 
 
 def _key(bits) -> str:
     return "".join(map(str, bits))
+
+
+def _model_name(pipe) -> str:
+    return str(getattr(pipe, "name_or_path", "") or type(pipe.unet).__name__)
 
 
 class Evaluator:
@@ -70,8 +75,7 @@ class Evaluator:
     @property
     def setup(self) -> dict:
         """What the utilities depend on (a resumed search must match it)."""
-        return {"model": str(getattr(self.pipe, "name_or_path", "") or type(self.pipe.unet).__name__),
-                "sampler": type(self.pipe.scheduler).__name__, "num_inference_steps": self.num_steps,
+        return {"model": _model_name(self.pipe), "sampler": type(self.pipe.scheduler).__name__, "num_inference_steps": self.num_steps,
                 "guidance_scale": self.guidance, "prompts": self.prompts, "seeds": self.seeds}
 
     # -- the sampler loop (as StableDiffusionPipeline.__call__ runs it) ---------------------------------
@@ -239,3 +243,56 @@ def named_schedules(names, num_steps: int, reuse_steps: int, timesteps=None, see
             yield f"{Path(name).stem} ({schedule.meta.get('strategy', 'file')})", schedule
         else:
             yield name, Schedule(name)
+
+
+def search_schedule(pipe, prompts: list[str], seeds: list[int], num_steps: int, reuse_steps: int,
+                    guidance_scale: float = 7.5, epsilon: float = 0.0, exhaustive_search: bool = False,
+                    state_file=None, progress: bool = False, **meta) -> Schedule:
+    """PHAST (or, with `exhaustive_search`, every schedule) on a calibration set: the best schedule with its
+    timesteps and the metadata `attnreuse search` writes (HURRY's PSNR for comparison, the sweeps or the ranking,
+    the search cost), shared by that command and the evaluation's `phast:R`."""
+    evaluator = Evaluator(pipe, prompts, seeds, num_steps, guidance_scale, state_file=state_file, progress=progress)
+    meta = dict(meta, reuse_steps=reuse_steps,
+                hurry_psnr_db=evaluator([Schedule.hurry(num_steps, reuse_steps)])[0])
+    if exhaustive_search:
+        ranked = exhaustive(evaluator, num_steps, reuse_steps)
+        best = ranked[0][0]
+        meta["ranking"] = [[str(s), round(u, 3)] for s, u in ranked]
+    else:
+        best, history = phast(evaluator, num_steps, reuse_steps, epsilon=epsilon)
+        meta.update(strategy="phast", epsilon=epsilon, history=history)
+    return evaluator.describe(best, **meta)
+
+
+def schedule_cache_dir() -> Path:
+    """Where searched schedules are kept: `$ATTNREUSE_CACHE/schedules`, by default ~/.cache/attnreuse/schedules."""
+    import os
+
+    return Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse") / "schedules"
+
+
+def cached_phast(pipe, prompts: list[str], seeds: list[int], num_steps: int, reuse_steps: int,
+                 guidance_scale: float = 7.5, progress: bool = False) -> Path:
+    """The schedule JSON of PHAST for this model, sampler, N, r, guidance and calibration set, searched on the first
+    call and read back on later ones: a search costs minutes, an evaluation that names `phast:R` should not pay it
+    every time. The file name says the setup; a hash of the sampler's config and the calibration prompts and seeds
+    tells apart setups that the name does not."""
+    import hashlib
+    import os
+    import re
+
+    model, sampler = _model_name(pipe), type(pipe.scheduler).__name__
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    digest = hashlib.sha1(json.dumps([model, config, num_steps, reuse_steps, guidance_scale, list(prompts),
+                                      list(seeds)], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^\w.-]+", "_", Path(model).name or model)
+    path = schedule_cache_dir() / (f"{slug}-{sampler}-n{num_steps}-r{reuse_steps}-g{guidance_scale:g}"
+                                   f"-c{len(prompts)}-{digest}.json")
+    if not path.exists():
+        schedule = search_schedule(pipe, prompts, seeds, num_steps, reuse_steps, guidance_scale, progress=progress,
+                                   cache_key=path.stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # data-parallel processes may search the same setup at once
+        schedule.to_json(tmp, indent=1)
+        tmp.replace(path)
+    return path

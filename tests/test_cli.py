@@ -46,3 +46,14 @@ def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
 def test_generate_rejects_a_bad_schedule(capsys):
     assert main(["generate", "a red circle", "--steps", "10", "--schedule", "hurry:10", "--device", "cpu"]) == 2
     assert "HURRY needs 0 <= reuse_steps < num_steps" in capsys.readouterr().err
+
+
+def test_readme_example_runs():
+    """The README's Python example is code a user will paste: it must run as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

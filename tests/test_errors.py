@@ -58,6 +58,10 @@ def test_bad_options(sd_pipe):
         apply_attention_reuse(sd_pipe, "hurry:4:2", attention="both-ways")
     with pytest.raises(ValueError, match="cache_dtype must be a floating torch.dtype"):
         apply_attention_reuse(sd_pipe, "hurry:4:2", cache_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"mode must be one of \('map', 'qk', 'output', 'auto'\), got 'flash'"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", mode="flash")
+    with pytest.raises(ValueError, match="max_cache_bytes must be a non-negative int, got -1"):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", max_cache_bytes=-1)
     with pytest.raises(ValueError, match="first step of a schedule must compute"):
         apply_attention_reuse(sd_pipe, [0, 1, 1])
     with pytest.raises(ValueError, match="entry 2 is 3"):

@@ -73,19 +73,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_store_and_reuse_calls_against_written_out_math(case, processor):
-    torch.manual_seed(0)
-    options, shapes = CASES[case]
-    model = OneLayer(**options).eval()
-    model.attn.set_processor(processor())
-    attn = model.attn
-    # diffusers' own processors differ: SDPA ignores attn.scale, and only AttnProcessor2_0 applies QK norms
-    sdpa = processor is AttnProcessor2_0
-    scale = (attn.inner_dim // attn.heads) ** -0.5 if sdpa else None
+def make_calls(shapes, count=4):
+    """Inputs of `count` calls; call 1 passes call 0's context object (the output cache holds), the others new."""
     calls = []
-    for _ in range(4):
+    for _ in range(count):
         call = {"hidden_states": torch.randn(shapes["x"])}
         if "temb" in shapes:
             call["temb"] = torch.randn(shapes["temb"])
@@ -96,14 +87,31 @@ def test_store_and_reuse_calls_against_written_out_math(case, processor):
             mask[..., -2:] = -10000.0  # the last two context tokens are padding
             call["attention_mask"] = mask
         calls.append(call)
-    calls[1]["encoder_hidden_states"] = calls[0].get("encoder_hidden_states")  # same context object: output cache
+    calls[1]["encoder_hidden_states"] = calls[0].get("encoder_hidden_states")
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["map", "qk"])
+@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_store_and_reuse_calls_against_written_out_math(case, processor, mode):
+    """map and qk keep different things but apply the same A (call 0's) to the current V."""
+    torch.manual_seed(0)
+    options, shapes = CASES[case]
+    model = OneLayer(**options).eval()
+    model.attn.set_processor(processor())
+    attn = model.attn
+    # diffusers' own processors differ: SDPA ignores attn.scale, and only AttnProcessor2_0 applies QK norms
+    sdpa = processor is AttnProcessor2_0
+    scale = (attn.inner_dim // attn.heads) ** -0.5 if sdpa else None
+    calls = make_calls(shapes)
     with torch.no_grad():
         unpatched = [model(**c) for c in calls]
-        with apply_attention_reuse(model, Schedule("1001")) as handle:  # store, reuse, reuse, compute
+        with apply_attention_reuse(model, Schedule("1001"), mode=mode) as handle:  # store, reuse, reuse, compute
             patched = [model(**c) for c in calls]
             counts = handle.stats()["layers"]["attn"]
         assert counts == {"attention": counts["attention"], "computed": 2, "stored": 1, "reused": 2,
-                          "cache_bytes": 0}
+                          "cache": None, "cache_bytes": 0}
         # call 0 stores: explicit softmax map, same result as the layer's own processor
         torch.testing.assert_close(patched[0], unpatched[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(patched[3], unpatched[3], rtol=0, atol=0)  # plain compute: the own processor
@@ -113,3 +121,22 @@ def test_store_and_reuse_calls_against_written_out_math(case, processor):
                                  calls[0].get("attention_mask"), calls[0].get("temb"), calls[i].get("temb"), scale, sdpa)
             torch.testing.assert_close(patched[i], expected, rtol=1e-4, atol=1e-5)
             assert not torch.allclose(patched[i], unpatched[i], atol=1e-4)  # and it is not a fresh computation
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_mode_returns_the_stored_attention_output(case):
+    """mode="output": a reuse call returns the store call's to_out(A V); only the residual path is current."""
+    torch.manual_seed(0)
+    options, shapes = CASES[case]
+    model = OneLayer(**options).eval()
+    attn = model.attn
+    calls = make_calls(shapes, 3)
+    with torch.no_grad():
+        unpatched = model(**calls[0])
+        with apply_attention_reuse(model, Schedule("100"), mode="output"):
+            patched = [model(**c) for c in calls]
+    torch.testing.assert_close(patched[0], unpatched, rtol=1e-5, atol=1e-5)
+    r, residual = attn.rescale_output_factor, attn.residual_connection
+    for i in (1, 2):
+        expected = unpatched * r - residual * calls[0]["hidden_states"] + residual * calls[i]["hidden_states"]
+        torch.testing.assert_close(patched[i], expected / r, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,347 @@
+"""`attnreuse bench`: what each reuse mode costs and buys on the SD1.5 and SDXL UNet architectures.
+
+The UNets are built from the published configs kept in `attnreuse/configs` with random weights (speed does not
+depend on the weights). Per call: milliseconds of a plain call (the stock `AttnProcessor2_0`, flash attention
+where the device has it), a store call and a reuse call of each mode. End to end: a 20-step DDIM loop with CFG
+over latents (no text encoder or VAE) with the paper's PHAST schedule, against the same loop without reuse.
+Every figure is printed as a ratio to the baseline measured in the same run; the baseline is measured again
+at the end, so drift shows. Times are medians over repeats after warm-up, CUDA-synchronised on GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from importlib import resources
+
+import numpy as np
+import torch
+
+from .hooks import apply_attention_reuse
+from .schedule import Schedule
+
+__all__ = ["build_unet", "bench", "PAPER_PHAST_DDIM20", "VARIANTS"]
+
+# the paper's 20-step DDIM PHAST schedule for SD1.5, r = 10 (sec. 3.2)
+PAPER_PHAST_DDIM20 = "11111111010001000000"
+
+# name -> options of apply_attention_reuse (and the store implementation for map variants)
+VARIANTS = {
+    "map": dict(mode="map"),
+    "map-torch": dict(mode="map", kernels=False),
+    "map-fp16": dict(mode="map", cache_dtype="float16"),
+    "map-fp8": dict(mode="map", cache_dtype="float8_e4m3fn"),
+    "qk": dict(mode="qk"),
+    "output": dict(mode="output"),
+    "auto": dict(mode="auto"),
+}
+RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def build_unet(arch: str, device, dtype, batch: int, size: int | None = None):
+    """A random-weight UNet of `arch` ("sd15" or "sdxl") and the keyword inputs of one call at batch `batch`
+    (images of `size` pixels, default the architecture's own)."""
+    from diffusers import UNet2DConditionModel
+
+    from .local import ARCHS
+
+    if arch in ARCHS:  # the tests' tiny architectures
+        spec = ARCHS[arch]
+        factor = 2 ** (len(spec["vae"]) - 1)  # the VAE's downsampling, as in local.build_pipeline
+        config = dict(spec["unet"], sample_size=spec["size"] // factor, in_channels=4, out_channels=4)
+    elif arch in RESOLUTION:
+        factor = 8
+        config = json.loads(resources.files("attnreuse").joinpath(f"configs/{arch}_unet.json").read_text())
+        config.pop("_comment", None)
+    else:
+        raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(RESOLUTION)} (or {sorted(ARCHS)}).")
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config).to(dtype).eval()
+    size = size // factor if size else config["sample_size"]
+    g = torch.Generator(device).manual_seed(0)
+    inputs = dict(sample=torch.randn(batch, 4, size, size, generator=g, device=device, dtype=dtype),
+                  encoder_hidden_states=torch.randn(batch, 77, config["cross_attention_dim"], generator=g,
+                                                    device=device, dtype=dtype))
+    if config.get("addition_embed_type") == "text_time":
+        text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = dict(
+            text_embeds=torch.randn(batch, text, generator=g, device=device, dtype=dtype),
+            time_ids=torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, device=device, dtype=dtype))
+    return unet, inputs
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def _options(variant: str) -> tuple[dict, str]:
+    options = dict(VARIANTS[variant])
+    kernels = options.pop("kernels", True)
+    if isinstance(options.get("cache_dtype"), str):
+        options["cache_dtype"] = getattr(torch, options["cache_dtype"])
+    return options, kernels
+
+
+def _apply(unet, schedule, variant, **extra):
+    from . import processors
+
+    options, processors.USE_KERNELS = _options(variant)
+    return apply_attention_reuse(unet, schedule, **options, **extra)
+
+
+def per_call(unet, inputs, variants, repeats: int, device) -> dict:
+    """Median ms of plain, store and reuse calls, in interleaved rounds (plain, then a store and a reuse call of
+    each variant) so that drift on a shared machine hits all alike; the first round is a warm-up. A schedule
+    "10" on the bare model makes a store call (the next call reuses) followed by a reuse call."""
+    t = torch.tensor(500.0, device=device)
+    call = lambda: unet(timestep=t, **inputs)  # noqa: E731
+    usable = [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
+    times = {v: ([], []) for v in ["sdpa", *usable]}
+    cache, failed = {}, {}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):
+            times["sdpa"][0].append(_timed(call, device))
+            for variant in usable:
+                if variant in failed:
+                    continue
+                try:
+                    with _apply(unet, Schedule("10"), variant) as handle:
+                        times[variant][0].append(_timed(call, device))
+                        times[variant][1].append(_timed(call, device))
+                        cache[variant] = handle.stats()["peak_cache_bytes"] / 2**20
+                except torch.OutOfMemoryError:
+                    failed[variant] = "out of memory"
+                    torch.cuda.empty_cache()
+    base = statistics.median(times["sdpa"][0][1:])
+    result = {"sdpa": {"ms": base, "x": 1.0}}
+    for variant in variants:
+        if variant not in usable or variant in failed:
+            result[variant] = {"skipped": failed.get(variant, "no fp8 on this device")}
+            continue
+        store, reuse = (statistics.median(t[1:]) for t in times[variant])
+        result[variant] = {"store_ms": store, "reuse_ms": reuse, "store_x": store / base, "reuse_x": reuse / base,
+                           "cache_mib": cache[variant]}
+    return result
+
+
+def _fp8_ok(device) -> bool:
+    return hasattr(torch, "float8_e4m3fn") and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guidance: float = 7.5) -> dict:
+    """Seconds per image-batch of a DDIM loop with CFG (the UNet batch holds both branches), no reuse against
+    each variant with `schedule`; runs are interleaved (baseline, variants, baseline, ...) so drift hits all."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    steps = len(schedule)
+    half = inputs["sample"].shape[0] // 2
+    latents0 = inputs["sample"][:half]
+    extra = {k: v for k, v in inputs.items() if k != "sample"}
+
+    def sample():
+        scheduler.set_timesteps(steps, device=device)
+        latents = latents0.clone()
+        for t in scheduler.timesteps:
+            eps = unet(torch.cat([latents] * 2), t, **extra).sample
+            uncond, cond = eps.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        return latents
+
+    runs = {"none": []}
+    outputs = {}
+    usable = [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
+    with torch.no_grad():
+        reference = sample()  # warm-up too
+        for variant in list(usable):
+            try:
+                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler):
+                    outputs[variant] = sample()  # warm-up, and the output for the error column
+                runs[variant] = []
+            except torch.OutOfMemoryError:
+                usable.remove(variant)
+                torch.cuda.empty_cache()
+        for _ in range(repeats):
+            runs["none"].append(_timed(sample, device))
+            for variant in usable:
+                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler) as handle:
+                    runs[variant].append(_timed(sample, device))
+                    peak = handle.stats()["peak_cache_bytes"]
+                outputs[variant + "_peak"] = peak
+        runs["none_again"] = [_timed(sample, device) for _ in range(max(1, repeats // 2))]
+    base = statistics.median(runs["none"])
+    result = {}
+    for name, times in runs.items():
+        ms = statistics.median(times)
+        row = {"ms": ms, "speedup": base / ms}
+        if name in outputs:
+            diff = (outputs[name].float() - reference.float()).pow(2).mean().sqrt().item()
+            row.update(rms_latent_change=diff, cache_mib=outputs[name + "_peak"] / 2**20)
+        result[name] = row
+    return result
+
+
+def attention_only(batch: int, heads: int, tokens: int, dim: int, device, dtype, repeats: int = 20) -> dict:
+    """One self-attention layer's core, projections left out: flash (SDPA) against a store (explicit softmax
+    then A V; the fused kernel where it runs) and a reuse (A V from a kept map, fp16/fp32 and fp8)."""
+    from .processors import _FP8_SCALE, _kernel_ok, check_kernels
+
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(batch, tokens, heads, dim, generator=g, device=device, dtype=dtype).transpose(1, 2)
+               for _ in range(3))
+    scale = dim ** -0.5
+    flat = lambda x: x.reshape(-1, tokens, dim)  # noqa: E731
+    attn_map = torch.softmax(flat(q) @ flat(k).transpose(1, 2) * scale, -1)
+    cases = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+        "store torch": lambda: torch.bmm(torch.softmax(torch.baddbmm(
+            torch.empty(1, 1, 1, device=device, dtype=dtype), flat(q), flat(k).transpose(1, 2), beta=0,
+            alpha=scale), -1), flat(v)),
+        "reuse torch": lambda: torch.bmm(attn_map, flat(v)),
+    }
+    fp8_dtype = getattr(torch, "float8_e4m3fn", None)
+    fp8 = (attn_map * _FP8_SCALE[fp8_dtype]).to(fp8_dtype) if _fp8_ok(device) else None
+    if fp8 is not None:
+        cases["reuse fp8 torch"] = lambda: torch.bmm(fp8.to(dtype), flat(v)) * (1 / _FP8_SCALE[fp8_dtype])
+    device = torch.device(device)
+    for map_dtype in (dtype, fp8_dtype if fp8 is not None else None):
+        if map_dtype is None:
+            continue
+        check_kernels(device, dtype, [dim], map_dtype)
+        tag = "fp8 " if map_dtype == fp8_dtype else ""
+        packed = fp8 if tag else attn_map
+        if _kernel_ok("store", q, dim, map_dtype):
+            cases[f"store {tag}kernel"] = lambda f=bool(tag): torch.ops.attnreuse.attention_with_map(q, k, v, scale, f)
+        if _kernel_ok("reuse", v, dim, map_dtype):
+            cases[f"reuse {tag}kernel"] = lambda m=packed: torch.ops.attnreuse.apply_map(m, v, 1.0)
+    result = {}
+    with torch.no_grad():
+        for name, fn in cases.items():
+            fn()
+            result[name] = statistics.median(_timed(fn, device) for _ in range(repeats))
+    base = result["sdpa"]
+    return {"shape": [batch, heads, tokens, dim], "map_mib": attn_map.numel() * attn_map.element_size() / 2**20,
+            **{name: {"ms": ms, "x": ms / base} for name, ms in result.items()}}
+
+
+def _largest_self_attention(unet, inputs) -> tuple[int, int, int]:
+    """(heads, tokens, head dim) of the UNet's self-attention layer with the most tokens, from one call."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(
+        (mod.heads, args[0].shape[1] if args else kw["hidden_states"].shape[1], mod.inner_dim // mod.heads)),
+        with_kwargs=True) for name, m in unet.named_modules() if name.endswith("attn1")]
+    try:
+        with torch.no_grad():
+            unet(timestep=torch.tensor(500.0, device=inputs["sample"].device), **inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(seen, key=lambda s: s[1])
+
+
+def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | None = None,
+          variants=("map", "qk", "output", "auto"), repeats: int = 5, e2e_repeats: int = 3,
+          schedule: str = PAPER_PHAST_DDIM20, compile: bool = False, e2e_variants=None,
+          size: int | None = None) -> dict:
+    """Per-call and end-to-end figures for one architecture, batch and device (see the module docstring)."""
+    unknown = [v for v in (*variants, *(e2e_variants or ())) if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown bench mode(s) {unknown}; choose from {sorted(VARIANTS)}.")
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    unet, inputs = build_unet(arch, device, dtype, batch, size)
+    if compile:
+        unet = torch.compile(unet)
+    from .local import ARCHS
+
+    info = dict(arch=arch, resolution=size or RESOLUTION.get(arch) or ARCHS[arch]["size"], batch=batch, device=device_name(device),
+                dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, compiled=compile,
+                schedule=schedule)
+    heads, tokens, dim = _largest_self_attention(getattr(unet, "_orig_mod", unet), inputs)
+    out = {"setup": info, "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device,
+                                                           dtype, 4 * repeats),
+           "per_call": per_call(unet, inputs, variants, repeats, device)}
+    e2e_variants = variants if e2e_variants is None else e2e_variants
+    if e2e_variants:
+        out["end_to_end"] = end_to_end(unet, inputs, e2e_variants, schedule, e2e_repeats, device)
+    return out
+
+
+def quality(pipe, schedule: str, count: int = 16, variants=("map", "map-fp16", "map-fp8", "qk", "output", "auto"),
+            guidance: float = 7.5) -> dict:
+    """Mean PSNR (dB, capped at search.PSNR_CAP) of each mode's images against the no-reuse images of the same
+    held-out captions and seeds (half one-shape, half two-shape), and against the map mode's own images:
+    what a mode or map precision costs in fidelity, on a trained model."""
+    from .evaluation import generate, held_out_captions
+    from .metrics import psnr
+    from .search import PSNR_CAP
+
+    prompts = held_out_captions(count // 2, False) + held_out_captions(count - count // 2, True)
+    seeds = list(range(count))
+    kwargs = dict(num_inference_steps=len(schedule), guidance_scale=guidance, batch_size=count)
+    full = generate(pipe, prompts, seeds, **kwargs)
+    images = {}
+    for variant in variants:
+        with _apply(pipe, Schedule(schedule), variant) as handle:
+            images[variant] = generate(pipe, prompts, seeds, **kwargs)
+            peak = handle.stats()["peak_cache_bytes"]
+        images[variant + "_peak"] = peak
+
+    def mean_psnr(a, b):
+        return float(np.mean([min(PSNR_CAP, psnr(x / 255, y / 255)) for x, y in zip(a, b)]))
+
+    return {"schedule": schedule, "count": count, "guidance": kwargs["guidance_scale"], "modes": {
+        v: {"psnr_vs_full_db": mean_psnr(images[v], full), "psnr_vs_map_db": mean_psnr(images[v], images["map"])
+            if "map" in images else None, "cache_mib": images[v + "_peak"] / 2**20} for v in variants}}
+
+
+def markdown(results: list[dict]) -> str:
+    """Tables of `bench` results: per call (ratios to the plain call) and end to end (speed-ups)."""
+    lines = []
+    for r in results:
+        s = r["setup"]
+        lines += [f"### {s['arch']} {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['dtype']}"
+                  f"{', torch.compile' if s['compiled'] else ''} on {s['device']}", "",
+                  ]
+        ao = r["attention_only"]
+        b_, h_, t_, d_ = ao["shape"]
+        lines += [f"Attention only, the largest self-attention layer (batch {b_}, {h_} heads, {t_} tokens, head dim "
+                  f"{d_}; map {ao['map_mib']:.0f} MiB): " + ", ".join(
+                      f"{name} {row['ms']:.3f} ms ({row['x']:.2f}x)" for name, row in ao.items()
+                      if isinstance(row, dict)), "", "| mode | store call | reuse call | cache |", "|---|---|---|---|"]
+        pc = r["per_call"]
+        lines.append(f"| plain call (sdpa) | {pc['sdpa']['ms']:.2f} ms | | |")
+        for name, row in pc.items():
+            if "skipped" in row:
+                lines.append(f"| {name} | {row['skipped']} | | |")
+            elif "store_ms" in row:
+                lines.append(f"| {name} | {row['store_ms']:.2f} ms ({row['store_x']:.2f}x) | "
+                             f"{row['reuse_ms']:.2f} ms ({row['reuse_x']:.2f}x) | {row['cache_mib']:.0f} MiB |")
+        if "end_to_end" in r:
+            lines += ["", f"End to end, {len(s['schedule'])}-step DDIM with CFG, schedule `{s['schedule']}`:", "",
+                      "| mode | time | speed-up | RMS change of the final latents | cache |", "|---|---|---|---|---|"]
+            for name, row in r["end_to_end"].items():
+                extra = (f"{row['rms_latent_change']:.4f} | {row['cache_mib']:.0f} MiB" if "cache_mib" in row
+                         else " | ")
+                lines.append(f"| {name} | {row['ms']:.0f} ms | {row['speedup']:.3f}x | {extra} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The lean paths (issue 6): lookahead storage, modes, the memory budget, fp8 maps, torch.compile, the store
+kernel (Triton, in interpreter mode where no GPU is present) and `attnreuse bench`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from attnreuse import Schedule, apply_attention_reuse, processors
+from attnreuse.metrics import psnr
+
+from conftest import STEPS, CallCounter, attention_modules, run
+
+
+def test_lookahead_stores_exactly_the_maps_a_later_call_reuses(sd_pipe, monkeypatch):
+    made = []
+    original = processors._attention_map
+    monkeypatch.setattr(processors, "_attention_map", lambda *a, **k: made.append(1) or original(*a, **k))
+    layers = attention_modules(sd_pipe, "self")
+    q = CallCounter([(n, m.to_q) for n, m in layers])
+    schedule = Schedule("1101001")  # stores at calls 1 and 3 only: calls 0, 5, 6 compute without a map
+    with apply_attention_reuse(sd_pipe, schedule, attention="self") as handle:
+        run(sd_pipe, steps=7)
+        stats = handle.stats()["layers"]
+    assert len(made) == 2 * len(layers)  # a map is materialised only where a later call reads it
+    assert q.values() == {len(schedule) - schedule.num_reuse}
+    assert {(s["stored"], s["computed"], s["reused"]) for s in stats.values()} == {(2, 4, 3)}
+
+
+def test_modes_keep_the_same_map_or_say_they_do_not(sd_pipe):
+    """qk recomputes the same A by flash attention and auto picks map or qk per layer: both agree with map;
+    output mode (PAB-style, labelled as not the paper's method) changes the image more."""
+    schedule = Schedule.hurry(STEPS, 3)
+    images, peaks = {}, {}
+    for mode in ("map", "qk", "auto", "output"):
+        with apply_attention_reuse(sd_pipe, schedule, mode=mode) as handle:
+            images[mode] = run(sd_pipe)
+            peaks[mode] = handle.stats()["peak_cache_bytes"]
+            assert {s["reused"] for s in handle.stats()["layers"].values()} == {3}
+    for mode in ("qk", "auto"):
+        np.testing.assert_allclose(images[mode], images["map"], atol=2e-5)
+    assert peaks["output"] < peaks["qk"] < peaks["map"]
+    assert not np.allclose(images["output"], images["map"], atol=1e-4)
+
+
+def test_memory_budget_is_never_exceeded_and_zero_means_no_reuse(sd_pipe):
+    schedule = Schedule.hurry(STEPS, 3)
+    full = run(sd_pipe)
+    with apply_attention_reuse(sd_pipe, schedule) as handle:
+        run(sd_pipe)
+        unlimited = handle.stats()["peak_cache_bytes"]
+    with apply_attention_reuse(sd_pipe, schedule, max_cache_bytes=0) as handle:
+        np.testing.assert_array_equal(run(sd_pipe), full)  # nothing fits: every layer computes, exactly
+        assert {s["reused"] for s in handle.stats()["layers"].values()} == {0}
+    budget = unlimited // 2
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append(handle.stats())
+        return kwargs
+
+    with apply_attention_reuse(sd_pipe, schedule, max_cache_bytes=budget) as handle:
+        first = run(sd_pipe, callback_on_step_end=callback)
+        second = run(sd_pipe)
+        peak = handle.stats()["peak_cache_bytes"]
+    np.testing.assert_array_equal(first, second)  # the choice depends on shapes only
+    assert 0 < peak <= budget and all(s["cache_bytes"] <= budget for s in seen)
+    kinds = {s["cache"] for s in seen[3]["layers"].values()}
+    assert "map" in kinds and kinds - {"map", "cross"}  # some layers fell back to Q and K, or to nothing
+
+
+def test_fp8_maps_are_a_quarter_of_fp32_and_close(sd_pipe):
+    schedule = Schedule.hurry(STEPS, 3)
+    peaks, images = {}, {}
+    for dtype in (None, torch.float8_e4m3fn):
+        with apply_attention_reuse(sd_pipe, schedule, attention="self", cache_dtype=dtype) as handle:
+            images[dtype] = run(sd_pipe)
+            peaks[dtype] = handle.stats()["peak_cache_bytes"]
+    assert peaks[torch.float8_e4m3fn] * 4 == peaks[None]
+    assert psnr(images[torch.float8_e4m3fn], images[None]) > 35
+
+
+@pytest.mark.parametrize("order", ["compile after apply", "apply after compile"])
+def test_compiled_unet_matches_eager_with_one_graph_per_kind_of_call(sd_pipe, order):
+    from torch._dynamo.utils import counters
+
+    schedule = Schedule("110100")
+    with apply_attention_reuse(sd_pipe, schedule):
+        eager = run(sd_pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    unet = sd_pipe.unet
+    if order == "compile after apply":
+        handle = apply_attention_reuse(sd_pipe, schedule)
+        sd_pipe.unet = torch.compile(unet, backend="aot_eager")
+    else:  # dynamo's own backend: traced and guarded the same way, faster to build
+        sd_pipe.unet = torch.compile(unet, backend="eager")
+        handle = apply_attention_reuse(sd_pipe, schedule)
+    try:
+        images = [run(sd_pipe) for _ in range(2)]
+        assert handle.stats()["generations"] == 2
+    finally:
+        handle.remove()
+        sd_pipe.unet = unet
+        torch._dynamo.reset()
+    for image in images:
+        np.testing.assert_allclose(image, eager, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 4  # compute, store, reuse (+ the store after a reuse run)
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from attnreuse.kernels import apply_map, attention_with_map
+    DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.float32):
+        for b, h, nq, nk, d in [(2, 3, 70, 77, 40), (1, 2, 130, 130, 64)]:
+            q = torch.randn(b, nq, h, d, dtype=dtype).transpose(1, 2)  # strided, as the processor passes it
+            k, v = torch.randn(b, h, nk, d, dtype=dtype), torch.randn(b, nk, h, d, dtype=dtype).transpose(1, 2)
+            out, a = attention_with_map(q, k, v, d ** -0.5)
+            ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * d ** -0.5, -1)
+            tol = 1e-3 if dtype == torch.float16 or DEVICE == "cuda" else 1e-6  # Triton's fp32 dot is TF32 on GPU
+            assert (a.double().view(b, h, nq, nk) - ref).abs().max() < tol
+            assert ((out.double() - (a.double().view(b, h, nq, nk) @ v.double()).transpose(1, 2)).abs().max()
+                    < 50 * tol)
+            again = apply_map(a, v, 0.5)  # the reuse kernel: A V from the kept map, scaled
+            assert (again.double() - 0.5 * out.double()).abs().max() < 50 * tol
+    # the processor's store path through the kernel gives the explicit path's result
+    from attnreuse import Schedule, apply_attention_reuse, processors
+    from attnreuse.bench import build_unet
+    DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+    unet, inputs = build_unet("tiny-sd", DEVICE, DTYPE, 2)
+    t = torch.tensor(500.0, device=DEVICE)
+    results, fused = {}, []
+    for name in ("attention_with_map", "apply_map"):
+        op = getattr(torch.ops.attnreuse, name)
+        setattr(torch.ops.attnreuse, name, lambda *a, op=op, name=name: fused.append(name) or op(*a))
+    for impl in ("torch", "kernels"):
+        processors.USE_KERNELS = impl == "kernels"
+        processors._KERNEL_OK.update({(kernel, DEVICE, DTYPE, d, DTYPE): True for d in (8, 16)
+                                      for kernel in ("store", "reuse")})
+        with torch.no_grad(), apply_attention_reuse(unet, Schedule("100"), attention="self") as handle:
+            results[impl] = [unet(timestep=t, **inputs).sample for _ in range(3)]
+    assert sorted(set(fused)) == ["apply_map", "attention_with_map"]  # the kernels served the "kernels" run
+    assert len(fused) == 3 * 4  # each of the 4 self-attention layers stores once and reuses twice
+    for a, b in zip(*results.values()):
+        assert (a - b).abs().max() < (1e-4 if DTYPE == torch.float32 else 2e-2), (a - b).abs().max()
+    print("ok")
+""")
+
+
+def test_store_kernel_against_softmax():
+    """The Triton store kernel writes softmax(Q K^T * scale) once and returns the A V of that same A. Without a
+    GPU it runs in Triton's interpreter; where Triton is not installed (CPU wheels of torch) it cannot run."""
+    pytest.importorskip("triton", reason="Triton is not installed (it ships with CUDA builds of torch)")
+    env = dict(os.environ, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1")
+    code = KERNEL_CHECK.replace("dtype=dtype)", "dtype=dtype, device=DEVICE)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
+    from attnreuse.cli import main
+
+    assert main(["bench", "--arch", "tiny-sd", "--batch", "2", "--repeats", "1", "--e2e-repeats", "1",
+                 "--schedule", "101", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    import json
+
+    (result,) = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["per_call"]) == {"sdpa", "map", "map-torch", "map-fp8", "qk", "output", "auto"}
+    assert all(row["store_ms"] > 0 and row["reuse_x"] > 0 for name, row in result["per_call"].items() if name != "sdpa")
+    e2e = result["end_to_end"]
+    assert e2e["none"]["speedup"] == 1.0 and e2e["map"]["rms_latent_change"] == pytest.approx(
+        e2e["qk"]["rms_latent_change"], rel=1e-3)
+    assert "| map |" in (tmp_path / "bench.md").read_text()
+    assert main(["bench", "--arch", "tiny-sd", "--modes", "flash", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "Unknown bench mode(s) ['flash']" in capsys.readouterr().err
