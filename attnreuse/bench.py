@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from importlib import resources
 
 import numpy as np
@@ -100,11 +101,23 @@ def _options(variant: str) -> tuple[dict, str]:
     return options, kernels
 
 
+@contextmanager
 def _apply(unet, schedule, variant, **extra):
+    """`apply_attention_reuse` with a variant's options; the kernel switch is put back on exit."""
     from . import processors
 
-    options, processors.USE_KERNELS = _options(variant)
-    return apply_attention_reuse(unet, schedule, **options, **extra)
+    options, kernels = _options(variant)
+    before, processors.USE_KERNELS = processors.USE_KERNELS, kernels
+    try:
+        with apply_attention_reuse(unet, schedule, **options, **extra) as handle:
+            yield handle
+    finally:
+        processors.USE_KERNELS = before
+
+
+def _usable(variants, device) -> list[str]:
+    """The variants this device can run (fp8 maps need an fp8-capable GPU, or the CPU)."""
+    return [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
 
 
 def per_call(unet, inputs, variants, repeats: int, device) -> dict:
@@ -113,7 +126,7 @@ def per_call(unet, inputs, variants, repeats: int, device) -> dict:
     "10" on the bare model makes a store call (the next call reuses) followed by a reuse call."""
     t = torch.tensor(500.0, device=device)
     call = lambda: unet(timestep=t, **inputs)  # noqa: E731
-    usable = [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
+    usable = _usable(variants, device)
     times = {v: ([], []) for v in ["sdpa", *usable]}
     cache, failed = {}, {}
     with torch.no_grad():
@@ -151,8 +164,9 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
     each variant with `schedule`; runs are interleaved (baseline, variants, baseline, ...) so drift hits all."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    from .local import _SD_SCHEDULER
+
+    scheduler = DDIMScheduler(**_SD_SCHEDULER)
     steps = len(schedule)
     half = inputs["sample"].shape[0] // 2
     latents0 = inputs["sample"][:half]
@@ -168,8 +182,8 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
         return latents
 
     runs = {"none": []}
-    outputs = {}
-    usable = [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
+    outputs, peaks = {}, {}
+    usable = _usable(variants, device)
     with torch.no_grad():
         reference = sample()  # warm-up too
         for variant in list(usable):
@@ -185,8 +199,7 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
             for variant in usable:
                 with _apply(unet, Schedule(schedule), variant, scheduler=scheduler) as handle:
                     runs[variant].append(_timed(sample, device))
-                    peak = handle.stats()["peak_cache_bytes"]
-                outputs[variant + "_peak"] = peak
+                    peaks[variant] = handle.stats()["peak_cache_bytes"]
         runs["none_again"] = [_timed(sample, device) for _ in range(max(1, repeats // 2))]
     base = statistics.median(runs["none"])
     result = {}
@@ -195,7 +208,7 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
         row = {"ms": ms, "speedup": base / ms}
         if name in outputs:
             diff = (outputs[name].float() - reference.float()).pow(2).mean().sqrt().item()
-            row.update(rms_latent_change=diff, cache_mib=outputs[name + "_peak"] / 2**20)
+            row.update(rms_latent_change=diff, cache_mib=peaks[name] / 2**20)
         result[name] = row
     return result
 
@@ -299,19 +312,18 @@ def quality(pipe, schedule: str, count: int = 16, variants=("map", "map-fp16", "
     seeds = list(range(count))
     kwargs = dict(num_inference_steps=len(schedule), guidance_scale=guidance, batch_size=count)
     full = generate(pipe, prompts, seeds, **kwargs)
-    images = {}
+    images, peaks = {}, {}
     for variant in variants:
         with _apply(pipe, Schedule(schedule), variant) as handle:
             images[variant] = generate(pipe, prompts, seeds, **kwargs)
-            peak = handle.stats()["peak_cache_bytes"]
-        images[variant + "_peak"] = peak
+            peaks[variant] = handle.stats()["peak_cache_bytes"]
 
     def mean_psnr(a, b):
         return float(np.mean([min(PSNR_CAP, psnr(x / 255, y / 255)) for x, y in zip(a, b)]))
 
     return {"schedule": schedule, "count": count, "guidance": kwargs["guidance_scale"], "modes": {
         v: {"psnr_vs_full_db": mean_psnr(images[v], full), "psnr_vs_map_db": mean_psnr(images[v], images["map"])
-            if "map" in images else None, "cache_mib": images[v + "_peak"] / 2**20} for v in variants}}
+            if "map" in images else None, "cache_mib": peaks[v] / 2**20} for v in variants}}
 
 
 def markdown(results: list[dict]) -> str:

@@ -19,6 +19,9 @@ from .schedule import Schedule
 logger = logging.getLogger(__name__)
 
 COMPUTE, STORE, REUSE = "compute", "store", "reuse"
+# what a layer's slot keeps: the modes of `processors`, a cross-attention cache, or nothing (it computes instead)
+MAP, QK, OUTPUT, AUTO = "map", "qk", "output", "auto"
+CROSS, NONE = "cross", "none"
 
 
 def _scalar(timestep) -> float | None:
@@ -112,11 +115,11 @@ class ReuseState:
         cannot disagree with it), and free the cache once the generation's last call is done."""
         for name in self.layers:
             slot, counts = self.slots.get(name), self.counts[name]
-            if self.action == REUSE and slot is not None and slot[0] != "none":
+            if self.action == REUSE and slot is not None and slot[0] != NONE:
                 counts.reused += 1
             else:
                 counts.computed += 1
-            counts.stored += slot is not None and slot is not self._before.get(name) and slot[0] != "none"
+            counts.stored += slot is not None and slot is not self._before.get(name) and slot[0] != NONE
         self._before = {}
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         if self.call == len(self.plan) - 1:

@@ -101,7 +101,8 @@ def attention_layers(target) -> dict[str, str]:
     return {n: "cross" if getattr(model.get_submodule(n), "is_cross_attention", False) else "self" for n in names}
 
 
-def _select(model, config: AttentionReuseConfig) -> list[str]:
+def _select(model, config: AttentionReuseConfig) -> tuple[list[str], dict[str, str]]:
+    """The layers to patch, and every layer's kind ("self"/"cross")."""
     kinds = attention_layers(model)
     names = [n for n, kind in kinds.items() if config.attention in ("all", kind)]
     if config.layers is not None:
@@ -129,7 +130,7 @@ def _select(model, config: AttentionReuseConfig) -> list[str]:
                 f"reuse calls. Use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]} "
                 "(e.g. model.set_attn_processor(AttnProcessor2_0())) or leave the layer out with layers=..."
             )
-    return names
+    return names, kinds
 
 
 class AttentionReuseHandle:
@@ -230,12 +231,11 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
         get_scheduler = lambda: scheduler  # noqa: E731
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise ValueError("Attention reuse is already applied to this model; call handle.remove() first.")
-    names = _select(model, config)
+    names, kinds = _select(model, config)
 
     state = ReuseState(config.schedule, get_scheduler, config.cache_dtype, tuple(names), config.max_cache_bytes)
     current = model.attn_processors
     originals = {name: current[name + ".processor"] for name in names}
-    kinds = attention_layers(model)
     patched = {key: ReuseAttnProcessor(name, proc, state, config.mode, kinds[name] == "cross")
                if (name := key.removesuffix(".processor")) in originals else proc for key, proc in current.items()}
     model.set_attn_processor(patched)

@@ -20,7 +20,8 @@ import triton.language as tl
 
 __all__ = ["attention_with_map", "apply_map", "FP8_SCALE"]
 
-FP8_SCALE = 448.0  # fp8 maps hold A * 448 (e4m3's largest value), so that probabilities near 1/tokens stay normal
+# fp8 maps hold A * 448 (e4m3's largest value), so that probabilities near 1/tokens stay normal numbers
+FP8_SCALE = torch.finfo(torch.float8_e4m3fn).max
 
 
 @triton.jit

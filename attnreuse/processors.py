@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models import attention_processor as ap
 
-from .cache import COMPUTE, REUSE, STORE, ReuseState, slot_bytes
+from .cache import AUTO, COMPUTE, CROSS, MAP, NONE, OUTPUT, QK, REUSE, STORE, ReuseState, slot_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ SUPPORTED_PROCESSORS: tuple[type, ...] = tuple(
 
 _DEFAULT_SCALE = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "AttnProcessorNPU") if hasattr(ap, n))
 
-MAP, QK, OUTPUT, AUTO = "map", "qk", "output", "auto"
 MODES = (MAP, QK, OUTPUT, AUTO)
-CROSS, NONE = "cross", "none"  # slot kinds besides the modes: a cross-attention cache, a layer left uncached
 _FALLBACK = {MAP: QK, QK: NONE, OUTPUT: NONE, CROSS: NONE}  # what a layer keeps when its first choice would
 # not fit in `max_cache_bytes`; NONE computes at reuse calls
 
