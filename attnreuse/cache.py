@@ -75,12 +75,14 @@ class ReuseState:
     generations: int = 0
     peak_bytes: int = 0
     slots: dict[str, tuple] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU map memory, see `buffer`
     counts: dict[str, LayerCounts] = field(default_factory=dict)
     _before: dict[str, tuple] = field(default_factory=dict)
     _context: tuple = (None, -1)  # the encoder states of the last store call, and their version
     _timesteps_ref: object = None
     _last_t: float | None = None
     _ended: bool = False
+    _recycle: bool = True  # False once a snapshot shares maps by reference: they must then never be overwritten
 
     def __post_init__(self):
         self.counts = {name: LayerCounts() for name in self.layers}
@@ -139,7 +141,9 @@ class ReuseState:
 
     def snapshot(self) -> tuple:
         """Where the generation stands: its plan, call index and cached maps (by reference; maps are never
-        changed in place). `restore` continues from here, so a schedule search can branch from a shared prefix."""
+        changed in place from then on). `restore` continues from here, so a schedule search can branch from a
+        shared prefix."""
+        self._recycle, self.buffers = False, {}
         return self.plan, self.call, dict(self.slots), self._last_t, self._context
 
     def restore(self, snapshot: tuple, plan: tuple[str, ...] | None = None) -> None:
@@ -183,13 +187,34 @@ class ReuseState:
         self.slots.clear()
         self._context = (None, -1)
 
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """Memory for a layer's new CPU map: the memory of its previous map, written over, when the shape and dtype
+        match. A fresh CPU tensor of a GiB costs about 0.3 s of page faults on the development Xeon (as much as the
+        softmax over it), where the CUDA caching allocator would hand memory back at no cost. The memory stays
+        with the handle between generations (`reset`/`remove` give it back); it is not kept when a memory budget
+        is set (nothing is held beyond the cache) or after a snapshot (maps shared by reference)."""
+        kept = self.buffers.get(name)
+        if kept is not None and kept.shape == shape and kept.dtype == dtype and kept.device == device:
+            return kept
+        self.buffers.pop(name, None)
+        new = torch.empty(shape, dtype=dtype, device=device)
+        if self._recycle and self.max_cache_bytes is None:
+            self.buffers[name] = new
+        return new
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of map memory kept for reuse; the cache's maps live in it (not added to `nbytes`)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
     @property
     def nbytes(self) -> int:
         return sum(slot_bytes(slot) for slot in self.slots.values())
 
     def reset(self) -> None:
-        """Forget the cache, the position in the schedule and the counts."""
+        """Forget the cache (its kept memory included), the position in the schedule and the counts."""
         self.free()
+        self.buffers, self._recycle = {}, True
         self.plan, self.call, self.action = (), -1, COMPUTE
         self.generations, self.peak_bytes, self.context_changed = 0, 0, False
         self._timesteps_ref, self._last_t, self._ended = None, None, False

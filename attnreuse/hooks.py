@@ -177,6 +177,7 @@ class AttentionReuseHandle:
             "calls_in_generation": state.call + 1,
             "cache_bytes": state.nbytes,
             "peak_cache_bytes": state.peak_bytes,
+            "kept_buffer_bytes": state.buffer_bytes,
             "layers": {
                 name: {"attention": kinds[name], **vars(state.counts[name]),
                        "cache": state.slots[name][0] if name in state.slots else None,

@@ -18,8 +18,9 @@ from conftest import STEPS, CallCounter, attention_modules, run
 
 def test_lookahead_stores_exactly_the_maps_a_later_call_reuses(sd_pipe, monkeypatch):
     made = []
-    original = processors._attention_map
-    monkeypatch.setattr(processors, "_attention_map", lambda *a, **k: made.append(1) or original(*a, **k))
+    for maker in ("_attention_map", "_map_store_cpu"):  # the one-shot map and the CPU blockwise store
+        original = getattr(processors, maker)
+        monkeypatch.setattr(processors, maker, lambda *a, _f=original, **k: made.append(1) or _f(*a, **k))
     layers = attention_modules(sd_pipe, "self")
     q = CallCounter([(n, m.to_q) for n, m in layers])
     schedule = Schedule("1101001")  # stores at calls 1 and 3 only: calls 0, 5, 6 compute without a map
@@ -82,6 +83,65 @@ def test_fp8_maps_are_a_quarter_of_fp32_and_close(sd_pipe):
             peaks[dtype] = handle.stats()["peak_cache_bytes"]
     assert peaks[torch.float8_e4m3fn] * 4 == peaks[None]
     assert psnr(images[torch.float8_e4m3fn], images[None]) > 35
+
+
+def test_cpu_blockwise_store_is_the_one_shot_map_and_output(monkeypatch):
+    """The CPU store writes A block by block into the map; with blocks that do not divide the queries it still
+    gives the one-shot softmax(Q K^T * scale) and A V."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 37, 3, 8).transpose(1, 2)  # (batch, heads, queries, dim), strided as the processor has it
+    k, v = torch.randn(2, 3, 41, 8), torch.randn(2, 3, 41, 8)
+    monkeypatch.setattr(processors, "_BLOCK", 5 * 41)  # 5 query rows per block: 37 = 7 x 5 + 2
+    attn_map = torch.full((6, 37, 41), float("nan"))
+    out = processors._map_store_cpu(q, k, v, 0.3, attn_map)
+    reference = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(attn_map, reference.reshape(6, 37, 41), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.view(2, 3, 37, 8), reference @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_store_and_reuse_calls_backpropagate(sd_pipe):
+    """With autograd on (e.g. fine-tuning through a sampler), a store takes the differentiable path."""
+    unet = sd_pipe.unet
+    size = unet.config.sample_size
+    sample = torch.randn(2, unet.config.in_channels, size, size, requires_grad=True)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim)
+    with apply_attention_reuse(unet, Schedule("10")):
+        outs = [unet(sample, t, encoder_hidden_states=text).sample for t in (900, 800)]
+    sum(o.square().mean() for o in outs).backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+
+
+def test_cpu_map_memory_is_written_over_not_reallocated_and_never_under_a_snapshot(sd_pipe):
+    """A layer's next store (in this generation or the next) writes into the memory of its previous map, giving
+    the images of fresh memory; a budget keeps nothing beyond the cache, and a snapshot's maps stay intact."""
+    schedule = Schedule("101010")
+    with apply_attention_reuse(sd_pipe, schedule, attention="self", max_cache_bytes=2**40) as handle:
+        fresh = run(sd_pipe)  # a budget: every store allocates, and nothing is kept after the generation
+        assert handle.state.buffers == {} and handle.stats()["kept_buffer_bytes"] == 0
+    pointers = []
+
+    def callback(pipe, i, t, kwargs):
+        pointers.append({n: s[1].data_ptr() for n, s in handle.state.slots.items()})
+        return kwargs
+
+    with apply_attention_reuse(sd_pipe, schedule, attention="self") as handle:
+        for _ in range(2):
+            np.testing.assert_array_equal(run(sd_pipe, callback_on_step_end=callback), fresh)
+        assert handle.stats()["kept_buffer_bytes"] == handle.stats()["peak_cache_bytes"] > 0
+        stored = pointers[0::2]  # after each store call
+        assert len(stored) == 6 and all(p == stored[0] for p in stored)
+        snapshots = []
+
+        def snap(pipe, i, t, kwargs):  # as the schedule search does: branch after the first store
+            if i == 0:
+                snapshots.append(handle.state.snapshot())
+                snapshots.append({n: s[1].clone() for n, s in snapshots[0][2].items()})
+            return kwargs
+
+        run(sd_pipe, callback_on_step_end=snap)
+        for name, kept in snapshots[1].items():  # the stores at calls 2 and 4 did not write over these maps
+            torch.testing.assert_close(snapshots[0][2][name][1], kept, rtol=0, atol=0)
+    assert handle.state.buffers == {}  # remove() gives the memory back
 
 
 @pytest.mark.parametrize("order", ["compile after apply", "apply after compile"])
