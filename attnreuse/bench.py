@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .hooks import apply_attention_reuse
+from .hooks import apply_attention_reuse, attention_layers
 from .schedule import Schedule
 
 __all__ = ["build_unet", "bench", "PAPER_PHAST_DDIM20", "VARIANTS"]
@@ -269,19 +269,44 @@ def attention_only(batch: int, heads: int, tokens: int, dim: int, device, dtype,
             **{name: {"ms": ms, "x": ms / base} for name, ms in result.items()}}
 
 
-def _largest_self_attention(unet, inputs) -> tuple[int, int, int]:
-    """(heads, tokens, head dim) of the UNet's self-attention layer with the most tokens, from one call."""
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(
-        (mod.heads, args[0].shape[1] if args else kw["hidden_states"].shape[1], mod.inner_dim // mod.heads)),
-        with_kwargs=True) for name, m in unet.named_modules() if name.endswith("attn1")]
+def _attention_profile(unet, inputs, device, calls: int = 3) -> tuple[tuple[int, int, int], dict]:
+    """From plain calls with hooks on every attention module: (heads, tokens, head dim) of the self-attention layer
+    with the most tokens, and the median share of a call spent in self- and cross-attention modules. A reuse call
+    still runs everything else, so that share bounds what any mode can save."""
+    kinds = attention_layers(unet)
+    shapes, clock, spent = [], {}, {"self": 0.0, "cross": 0.0}
+
+    def before(name):
+        def hook(mod, args, kwargs):
+            if kinds[name] == "self":
+                tokens = (args[0] if args else kwargs["hidden_states"]).shape[1]
+                shapes.append((mod.heads, tokens, mod.inner_dim // mod.heads))
+            _sync(device)
+            clock[name] = time.perf_counter()
+        return hook
+
+    def after(name):
+        def hook(mod, args, kwargs, output):
+            _sync(device)
+            spent[kinds[name]] += time.perf_counter() - clock[name]
+        return hook
+
+    modules = {name: unet.get_submodule(name) for name in kinds}
+    hooks = [h for name, m in modules.items() for h in (m.register_forward_pre_hook(before(name), with_kwargs=True),
+                                                       m.register_forward_hook(after(name), with_kwargs=True))]
+    t = torch.tensor(500.0, device=inputs["sample"].device)
+    shares = {"self": [], "cross": []}
     try:
         with torch.no_grad():
-            unet(timestep=torch.tensor(500.0, device=inputs["sample"].device), **inputs)
+            for _ in range(calls):
+                spent.update(self=0.0, cross=0.0)
+                total = _timed(lambda: unet(timestep=t, **inputs), device) / 1000
+                for kind, seconds in spent.items():
+                    shares[kind].append(seconds / total)
     finally:
         for h in hooks:
             h.remove()
-    return max(seen, key=lambda s: s[1])
+    return max(shapes, key=lambda s: s[1]), {kind: statistics.median(v) for kind, v in shares.items()}
 
 
 def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | None = None,
@@ -302,8 +327,8 @@ def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | 
     info = dict(arch=arch, resolution=size or RESOLUTION.get(arch) or ARCHS[arch]["size"], batch=batch, device=device_name(device),
                 dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, compiled=compile,
                 schedule=schedule)
-    heads, tokens, dim = _largest_self_attention(getattr(unet, "_orig_mod", unet), inputs)
-    out = {"setup": info, "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device,
+    (heads, tokens, dim), share = _attention_profile(getattr(unet, "_orig_mod", unet), inputs, device)
+    out = {"setup": info, "attention_share": share, "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device,
                                                            dtype, 4 * repeats),
            "per_call": per_call(unet, inputs, variants, repeats, device)}
     e2e_variants = variants if e2e_variants is None else e2e_variants
@@ -347,6 +372,10 @@ def markdown(results: list[dict]) -> str:
         lines += [f"### {s['arch']} {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['dtype']}"
                   f"{', torch.compile' if s['compiled'] else ''} on {s['device']}", "",
                   ]
+        if "attention_share" in r:
+            lines += [f"Attention modules take {r['attention_share']['self']:.1%} (self) and "
+                      f"{r['attention_share']['cross']:.1%} (cross) of a plain call: all that a reuse call can skip.",
+                      ""]
         ao = r["attention_only"]
         b_, h_, t_, d_ = ao["shape"]
         lines += [f"Attention only, the largest self-attention layer (batch {b_}, {h_} heads, {t_} tokens, head dim "

@@ -233,6 +233,8 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
     (result,) = json.loads((tmp_path / "bench.json").read_text())
     assert set(result["per_call"]) == {"sdpa", "map", "map-torch", "map-fp8", "qk", "output", "auto"}
     assert all(row["store_ms"] > 0 and row["reuse_x"] > 0 for name, row in result["per_call"].items() if name != "sdpa")
+    assert 0 < result["attention_share"]["cross"] < 1 and 0 < result["attention_share"]["self"] < 1
+    assert result["attention_only"]["shape"][2] == 16 * 16  # tiny-sd's largest self-attention: 16 x 16 latents
     e2e = result["end_to_end"]
     assert e2e["none"]["speedup"] == 1.0 and e2e["map"]["rms_latent_change"] == pytest.approx(
         e2e["qk"]["rms_latent_change"], rel=1e-3)
