@@ -189,8 +189,8 @@ class ReuseState:
 
     def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
         """Memory for a layer's new CPU map: the memory of its previous map, written over, when the shape and dtype
-        match. A fresh CPU tensor of a GiB costs about 0.3 s of page faults on the development Xeon (as much as the
-        softmax over it), where the CUDA caching allocator would hand memory back at no cost. The memory stays
+        match. Writing a map into new CPU memory costs about 0.5 s per GiB more on the development Xeon (page faults;
+        docs/BENCHMARKS.md), where the CUDA caching allocator would hand memory back at no cost. The memory stays
         with the handle between generations (`reset`/`remove` give it back); it is not kept when a memory budget
         is set (nothing is held beyond the cache) or after a snapshot (maps shared by reference)."""
         kept = self.buffers.get(name)
