@@ -328,8 +328,8 @@ def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | 
                 dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, compiled=compile,
                 schedule=schedule)
     (heads, tokens, dim), share = _attention_profile(getattr(unet, "_orig_mod", unet), inputs, device)
-    out = {"setup": info, "attention_share": share, "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device,
-                                                           dtype, 4 * repeats),
+    out = {"setup": info, "attention_share": share,
+           "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device, dtype, 4 * repeats),
            "per_call": per_call(unet, inputs, variants, repeats, device)}
     e2e_variants = variants if e2e_variants is None else e2e_variants
     if e2e_variants:

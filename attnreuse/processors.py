@@ -147,7 +147,7 @@ def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor) -> t
     rows per head: a block's scores are written into the map, normalised in place while they are in cache and
     multiplied by V, so the map is written to memory once and not read back. The one-shot path (scores, softmax,
     A V) passes over the whole map four times: 3.1-4.3x flash attention at 4096 tokens on the development Xeon,
-    against 1.6-2.7x for this into kept memory (docs/BENCHMARKS.md, `ReuseState.buffer`)."""
+    against 1.3-2.7x for this into kept memory (docs/BENCHMARKS.md, `ReuseState.buffer`)."""
     q, k, v = _flat(query), _flat(key), _flat(value)
     out = torch.empty_like(q)
     rows = max(1, _BLOCK // k.shape[1])
@@ -327,10 +327,10 @@ class ReuseAttnProcessor:
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and query.requires_grad)):
             attn_map = self.state.buffer(self.name, (b * h, q, key.shape[2]), map_dtype, query.device)
             out = _map_store_cpu(query, key, value, scale, attn_map)
-            return out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), attn_map, None
-        mask = self._mask(attn, mask, key.shape[2], b, heads=False)
-        attn_map = _attention_map(attn, _flat(query), _flat(key), mask, scale)
-        out = torch.bmm(attn_map, _flat(value))
+        else:
+            mask = self._mask(attn, mask, key.shape[2], b, heads=False)
+            attn_map = _attention_map(attn, _flat(query), _flat(key), mask, scale)
+            out = torch.bmm(attn_map, _flat(value))
         return (out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), *_pack(attn_map, self.state.cache_dtype))
 
     def _reuse(self, attn, x, context, mask, slot):
