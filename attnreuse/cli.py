@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", default="2", help="comma list of UNet batch sizes (2 = one image with CFG)")
     bench.add_argument("--modes", default="map,map-torch,map-fp8,qk,output,auto",
                        help="comma list of: map (Triton kernels where they run), map-torch (plain torch), map-fp16, "
-                            "map-fp8, qk, output, auto")
+                            "map-bf16 (the fast 16-bit map on CPUs with AMX), map-fp8, qk, output, auto; 'none' for "
+                            "the plain call only")
     bench.add_argument("--schedule", default=None, help="end-to-end schedule (default: the paper's PHAST, r=10)")
     bench.add_argument("--repeats", type=int, help="timed calls per kind (default: 20 on CUDA, where one call is "
                                                    "launch-bound and jittery, 3 on CPU)")
@@ -433,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (appended)")
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    """A comma list of bench modes; "none" for no mode."""
+    return () if text == "none" else tuple(text.split(","))
 
 
 def _bench(args) -> int:
@@ -461,9 +467,9 @@ def _bench(args) -> int:
     results = json.loads(path.read_text()) if path.exists() else []
     for arch in args.arch.split(","):
         for batch in (int(x) for x in args.batch.split(",")):
-            e2e = None if args.e2e_modes is None else () if args.e2e_modes == "none" else args.e2e_modes.split(",")
+            e2e = None if args.e2e_modes is None else _modes(args.e2e_modes)
             repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
-            result = b.bench(arch, batch, args.device, args.dtype, tuple(args.modes.split(",")), repeats,
+            result = b.bench(arch, batch, args.device, args.dtype, _modes(args.modes), repeats,
                              args.e2e_repeats, args.schedule or b.PAPER_PHAST_DDIM20, args.compile, e2e, args.size)
             print(b.markdown([result]), flush=True)
             results.append(result)

@@ -41,7 +41,8 @@ class AttentionReuseConfig:
         attention (`str`, *optional*, defaults to ``"all"``): ``"all"``, ``"self"`` or ``"cross"`` layers.
         cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
             (``torch.float16`` halves the cache; the paper saw no quality loss; ``torch.float8_e4m3fn`` halves it
-            again, stored scaled so that small probabilities survive).
+            again, stored scaled so that small probabilities survive). On a CPU with AMX, ``torch.bfloat16``
+            also makes reuse calls faster: their A V runs on the bf16 matrix units.
         mode (`str`, *optional*, defaults to ``"map"``): what a self-attention layer keeps for its reuse calls.
             ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding, recomputed by flash
             attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style

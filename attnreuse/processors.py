@@ -142,23 +142,39 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 _BLOCK = 1 << 18  # elements of one block of scores in the CPU store: 1 MiB of fp32, within a core's L2 cache
 
 
-def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor) -> torch.Tensor:
-    """A V and A on a CPU, A written into `attn_map` (batch*heads, queries, keys), fp32, no mask. Blocks of query
-    rows per head: a block's scores are written into the map, normalised in place while they are in cache and
-    multiplied by V, so the map is written to memory once and not read back. The one-shot path (scores, softmax,
-    A V) passes over the whole map four times: 3.1-4.3x flash attention at 4096 tokens on the development Xeon,
-    against 1.3-2.7x for this into kept memory (docs/BENCHMARKS.md, `ReuseState.buffer`)."""
-    q, k, v = _flat(query), _flat(key), _flat(value)
+def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor, fp8_scale: float | None = None):
+    """A V and A on a CPU, A written into `attn_map` (batch*heads, queries, keys), fp32 inputs, no mask. Blocks of
+    query rows per head: a block's scores are normalised while they are in cache and multiplied by V, and the map
+    is written to memory once and not read back (in place for an fp32 map; a 16-bit or fp8 map, times
+    `fp8_scale`, gets a rounded copy of the block, while the output comes from the fp32 block, as at a plain
+    call). The one-shot path (scores, softmax, A V) passes over the whole map four times: 3.1-4.3x flash
+    attention at 4096 tokens on the development Xeon, against 1.3-2.7x for this into kept fp32 memory
+    (docs/BENCHMARKS.md, `ReuseState.buffer`)."""
+    q, k, v = _flat(query * scale), _flat(key), _flat(value)  # Q scaled once: no pass over each block to scale
     out = torch.empty_like(q)
     rows = max(1, _BLOCK // k.shape[1])
+    scratch = None if attn_map.dtype == q.dtype else q.new_empty(rows, k.shape[1])
     for i in range(q.shape[0]):
         k_t = k[i].t()
         for r in range(0, q.shape[1], rows):
-            block = attn_map[i, r:r + rows]
-            torch.mm(q[i, r:r + rows], k_t, out=block).mul_(scale)
+            kept = attn_map[i, r:r + rows]
+            block = kept if scratch is None else scratch[:kept.shape[0]]
+            torch.mm(q[i, r:r + rows], k_t, out=block)
             torch.ops.aten._softmax.out(block, -1, False, out=block)
             torch.mm(block, v[i], out=out[i, r:r + rows])
+            if scratch is not None:
+                kept.copy_(block if fp8_scale is None else block.mul_(fp8_scale))
     return out
+
+
+def _times_map(attn_map: torch.Tensor, value: torch.Tensor, unscale) -> torch.Tensor:
+    """A V (batch*heads, queries, dim) with A as kept. A 16-bit map multiplies V rounded to its dtype, so A is
+    read once and never copied: on the development Xeon (AMX) a bf16 map's A V is 2.5-4.4x faster than fp32 at 4096
+    tokens (docs/BENCHMARKS.md), and an fp16 map's took 145 ms against 453 ms through an fp32 copy of A. fp8 has no matmul: the map
+    is dequantised (the CUDA kernel avoids that copy, see `check_kernels`)."""
+    if unscale is not None:
+        return torch.bmm(attn_map.to(value.dtype), value) * unscale
+    return torch.bmm(attn_map, value.to(attn_map.dtype)).to(value.dtype)
 
 
 def _pack(attn_map: torch.Tensor, dtype) -> tuple:
@@ -323,15 +339,18 @@ class ReuseAttnProcessor:
                 and _kernel_ok("store", query, d, map_dtype)):
             out, attn_map = torch.ops.attnreuse.attention_with_map(query, key, value, scale, map_dtype in _FP8_SCALE)
             return out.view(b, q, h * d), attn_map, 1 / _FP8_SCALE[map_dtype] if map_dtype in _FP8_SCALE else None
-        if (query.device.type == "cpu" and mask is None and query.dtype == map_dtype == torch.float32
+        if (query.device.type == "cpu" and mask is None and query.dtype == torch.float32
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and query.requires_grad)):
             attn_map = self.state.buffer(self.name, (b * h, q, key.shape[2]), map_dtype, query.device)
-            out = _map_store_cpu(query, key, value, scale, attn_map)
+            fp8_scale = _FP8_SCALE.get(map_dtype)
+            out = _map_store_cpu(query, key, value, scale, attn_map, fp8_scale)
+            unscale = None if fp8_scale is None else 1 / fp8_scale
         else:
             mask = self._mask(attn, mask, key.shape[2], b, heads=False)
-            attn_map = _attention_map(attn, _flat(query), _flat(key), mask, scale)
-            out = torch.bmm(attn_map, _flat(value))
-        return (out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), *_pack(attn_map, self.state.cache_dtype))
+            out = _attention_map(attn, _flat(query), _flat(key), mask, scale)
+            attn_map, unscale = _pack(out, self.state.cache_dtype)
+            out = torch.bmm(out, _flat(value))
+        return out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), attn_map, unscale
 
     def _reuse(self, attn, x, context, mask, slot):
         kind = slot[0]
@@ -345,10 +364,7 @@ class ReuseAttnProcessor:
             if _kernel_ok("reuse", value, d, attn_map.dtype):
                 out = torch.ops.attnreuse.apply_map(attn_map, value, 1.0 if unscale is None else unscale)
                 return attn.to_out[1](attn.to_out[0](out.view(b, -1, h * d)))
-            out = torch.bmm(attn_map.to(value.dtype), _flat(value))
-            if unscale is not None:
-                out = out * unscale
-            return _merge(attn, out.view(b, h, -1, d))
+            return _merge(attn, _times_map(attn_map, _flat(value), unscale).view(b, h, -1, d))
         query, key = slot[-2], slot[-1]  # qk, or cross-attention with a changed text
         scale = query.shape[-1] ** -0.5 if self._scale_default else attn.scale
         return _merge(attn, self._sdpa(attn, query, key, value, mask, scale))

@@ -85,18 +85,73 @@ def test_fp8_maps_are_a_quarter_of_fp32_and_close(sd_pipe):
     assert psnr(images[torch.float8_e4m3fn], images[None]) > 35
 
 
-def test_cpu_blockwise_store_is_the_one_shot_map_and_output(monkeypatch):
+MAP_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+
+
+def _packed(attn_map, dtype):
+    """A map as the cache keeps it: rounded to `dtype`, fp8 scaled by the format's largest value."""
+    scale = processors._FP8_SCALE.get(dtype, 1.0)
+    return (attn_map * scale).to(dtype)
+
+
+def _assert_rounded(kept, expected):
+    """Equal up to one step of the map's format: fp32 rounding before the cast can move a value across a
+    rounding boundary."""
+    step = torch.finfo(kept.dtype) if kept.dtype != torch.float32 else None
+    torch.testing.assert_close(kept.float(), expected.float(), rtol=step.eps if step else 1e-5,
+                               atol=step.tiny if step else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", MAP_DTYPES, ids=str)
+def test_cpu_blockwise_store_is_the_one_shot_map_and_output(monkeypatch, dtype):
     """The CPU store writes A block by block into the map; with blocks that do not divide the queries it still
-    gives the one-shot softmax(Q K^T * scale) and A V."""
+    gives the one-shot softmax(Q K^T * scale), rounded to the map's dtype, and the A V of the unrounded A."""
     torch.manual_seed(0)
     q = torch.randn(2, 37, 3, 8).transpose(1, 2)  # (batch, heads, queries, dim), strided as the processor has it
     k, v = torch.randn(2, 3, 41, 8), torch.randn(2, 3, 41, 8)
     monkeypatch.setattr(processors, "_BLOCK", 5 * 41)  # 5 query rows per block: 37 = 7 x 5 + 2
-    attn_map = torch.full((6, 37, 41), float("nan"))
-    out = processors._map_store_cpu(q, k, v, 0.3, attn_map)
+    attn_map = torch.full((6, 37, 41), float("nan")).to(dtype)
+    out = processors._map_store_cpu(q, k, v, 0.3, attn_map, processors._FP8_SCALE.get(dtype))
     reference = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
-    torch.testing.assert_close(attn_map, reference.reshape(6, 37, 41), rtol=1e-5, atol=1e-6)
+    expected = _packed(reference.reshape(6, 37, 41), dtype)
+    _assert_rounded(attn_map, expected)
     torch.testing.assert_close(out.view(2, 3, 37, 8), reference @ v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", MAP_DTYPES[1:], ids=str)
+def test_reduced_precision_map_reuse_is_the_rounded_map_times_v(dtype):
+    """With `cache_dtype`, a store call still gives the plain call's output, the cache holds A rounded to that
+    dtype, and a reuse call applies that A to the fresh V: a 16-bit map multiplies V rounded to its dtype
+    (one read of A, no copy), an fp8 map is dequantised first."""
+    from test_processor import OneLayer
+
+    torch.manual_seed(0)
+    model = OneLayer(query_dim=32, heads=4, dim_head=8).eval()
+    attn = model.attn
+    x0, x1 = torch.randn(2, 64, 32), torch.randn(2, 64, 32)
+    with torch.no_grad():
+        plain = model(x0)
+        with apply_attention_reuse(model, Schedule("10"), cache_dtype=dtype) as handle:
+            stored = model(x0)
+            kept = handle.state.slots["attn"][1]
+            reused = model(x1)
+        heads = lambda t: t.view(2, 64, 4, 8).transpose(1, 2).reshape(8, 64, 8)  # noqa: E731
+        exact = torch.softmax(heads(attn.to_q(x0)).double() @ heads(attn.to_k(x0)).double().transpose(1, 2)
+                              * 8 ** -0.5, -1)
+        value = heads(attn.to_v(x1)).double()
+        scale = processors._FP8_SCALE.get(dtype)
+        if scale is None:  # 16-bit: both factors rounded, the product rounded to the map's dtype
+            product = (exact.to(dtype).double() @ value.to(dtype).double()).to(dtype)
+        else:
+            product = _packed(exact, dtype).double() @ value / scale
+        merged = product.float().view(2, 4, 64, 8).transpose(1, 2).reshape(2, 64, 32)
+        expected = attn.to_out[0](merged)
+        fresh = model(x1)
+    torch.testing.assert_close(stored, plain, rtol=1e-5, atol=1e-6)  # the store's output is not rounded
+    assert kept.dtype == dtype and kept.shape == (8, 64, 64)
+    _assert_rounded(kept, _packed(exact.float(), dtype))
+    torch.testing.assert_close(reused, expected, rtol=0, atol=1e-4)  # the rounding is the only difference
+    assert (reused - fresh).abs().max() > 1e-2  # and the reuse did not recompute the map
 
 
 def test_store_and_reuse_calls_backpropagate(sd_pipe):
@@ -232,12 +287,31 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
 
     (result,) = json.loads((tmp_path / "bench.json").read_text())
     assert set(result["per_call"]) == {"sdpa", "map", "map-torch", "map-fp8", "qk", "output", "auto"}
-    assert all(row["store_ms"] > 0 and row["reuse_x"] > 0 for name, row in result["per_call"].items() if name != "sdpa")
+    assert all(row["store_ms"] > 0 and row["reuse_x"] > 0 and row["plain_ms"] > 0
+               for name, row in result["per_call"].items() if name != "sdpa")
     assert 0 < result["attention_share"]["cross"] < 1 and 0 < result["attention_share"]["self"] < 1
     assert result["attention_only"]["shape"][2] == 16 * 16  # tiny-sd's largest self-attention: 16 x 16 latents
     e2e = result["end_to_end"]
+    assert all(len(row["runs_ms"]) == 1 and row["speedup_local"] > 0 for name, row in e2e.items()
+               if name not in ("none", "none_again"))
     assert e2e["none"]["speedup"] == 1.0 and e2e["map"]["rms_latent_change"] == pytest.approx(
         e2e["qk"]["rms_latent_change"], rel=1e-3)
     assert "| map |" in (tmp_path / "bench.md").read_text()
     assert main(["bench", "--arch", "tiny-sd", "--modes", "flash", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "Unknown bench mode(s) ['flash']" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_times_later_generations_of_a_handle(monkeypatch):
+    """The timed loops are what a user sees after applying reuse once: every store finds the layer's kept map
+    memory, which only the variant's warm-up generation had to allocate."""
+    from attnreuse import bench, cache
+    from attnreuse.hooks import attention_layers
+
+    unet, inputs = bench.build_unet("tiny-sd", "cpu", torch.float32, 2)
+    layers = sum(kind == "self" for kind in attention_layers(unet).values())
+    found, original = [], cache.ReuseState.buffer
+    monkeypatch.setattr(cache.ReuseState, "buffer",
+                        lambda self, name, *a: found.append(name in self.buffers) or original(self, name, *a))
+    bench.end_to_end(unet, inputs, ["map"], "1010", 2, torch.device("cpu"))
+    assert len(found) == 3 * 2 * layers  # warm-up and two timed generations, two stores per layer each
+    assert not any(found[:layers]) and all(found[layers:])
