@@ -170,7 +170,7 @@ def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor, fp8_
 def _times_map(attn_map: torch.Tensor, value: torch.Tensor, unscale) -> torch.Tensor:
     """A V (batch*heads, queries, dim) with A as kept. A 16-bit map multiplies V rounded to its dtype, so A is
     read once and never copied: on the development Xeon (AMX) a bf16 map's A V is 2.5-4.4x faster than fp32 at 4096
-    tokens (docs/BENCHMARKS.md), and an fp16 map's took 145 ms against 453 ms through an fp32 copy of A. fp8 has no matmul: the map
+    tokens (docs/BENCHMARKS.md), and an fp16 map no longer pays for an fp32 copy of A. fp8 has no matmul: the map
     is dequantised (the CUDA kernel avoids that copy, see `check_kernels`)."""
     if unscale is not None:
         return torch.bmm(attn_map.to(value.dtype), value) * unscale
