@@ -177,14 +177,18 @@ def _times_map(attn_map: torch.Tensor, value: torch.Tensor, unscale) -> torch.Te
     return torch.bmm(attn_map, value.to(attn_map.dtype)).to(value.dtype)
 
 
+def _unscale(dtype) -> float | None:
+    """The factor that undoes the scale of a map kept in `dtype` (None unless fp8)."""
+    scale = _FP8_SCALE.get(dtype)
+    return None if scale is None else 1.0 / scale
+
+
 def _pack(attn_map: torch.Tensor, dtype) -> tuple:
     """The map in the cache's dtype, and the factor that undoes an fp8 scale (None otherwise)."""
     if dtype is None or dtype == attn_map.dtype:
         return attn_map, None
     scale = _FP8_SCALE.get(dtype)
-    if scale is None:
-        return attn_map.to(dtype), None
-    return (attn_map * scale).to(dtype), 1.0 / scale
+    return (attn_map if scale is None else attn_map * scale).to(dtype), _unscale(dtype)
 
 
 _KERNEL_OK: dict[tuple, bool] = {}  # (kernel, device type, dtype, head dim, map dtype) -> passed its check
@@ -338,13 +342,12 @@ class ReuseAttnProcessor:
         if (mask is None and not (attn.upcast_attention or attn.upcast_softmax)
                 and _kernel_ok("store", query, d, map_dtype)):
             out, attn_map = torch.ops.attnreuse.attention_with_map(query, key, value, scale, map_dtype in _FP8_SCALE)
-            return out.view(b, q, h * d), attn_map, 1 / _FP8_SCALE[map_dtype] if map_dtype in _FP8_SCALE else None
+            return out.view(b, q, h * d), attn_map, _unscale(map_dtype)
         if (query.device.type == "cpu" and mask is None and query.dtype == torch.float32
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and query.requires_grad)):
             attn_map = self.state.buffer(self.name, (b * h, q, key.shape[2]), map_dtype, query.device)
-            fp8_scale = _FP8_SCALE.get(map_dtype)
-            out = _map_store_cpu(query, key, value, scale, attn_map, fp8_scale)
-            unscale = None if fp8_scale is None else 1 / fp8_scale
+            out = _map_store_cpu(query, key, value, scale, attn_map, _FP8_SCALE.get(map_dtype))
+            unscale = _unscale(map_dtype)
         else:
             mask = self._mask(attn, mask, key.shape[2], b, heads=False)
             out = _attention_map(attn, _flat(query), _flat(key), mask, scale)
