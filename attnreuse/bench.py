@@ -125,6 +125,7 @@ def _usable(variants, device) -> list[str]:
 # per call, on the bare model: plain (compute) calls at 0, 3 and 6 around a handle's first store (1), a reuse (2), a
 # store over the memory the first one kept (4) and a second reuse (5)
 _PER_CALL = "1101101"
+_AROUND = {1: [0, 3], 2: [0, 3], 4: [3, 6], 5: [3, 6]}  # the plain calls either side of each measured call
 
 
 def per_call(unet, inputs, variants, repeats: int, device) -> dict:
@@ -159,9 +160,7 @@ def per_call(unet, inputs, variants, repeats: int, device) -> dict:
             result[variant] = {"skipped": failed.get(variant, "no fp8 on this device")}
             continue
         ms = np.array(runs[variant][1:])  # rounds x calls
-        around = {1: (ms[:, 0] + ms[:, 3]) / 2, 2: (ms[:, 0] + ms[:, 3]) / 2, 4: (ms[:, 3] + ms[:, 6]) / 2,
-                  5: (ms[:, 3] + ms[:, 6]) / 2}
-        ratio = {i: ms[:, i] / around[i] for i in around}
+        ratio = {i: ms[:, i] / ms[:, plain].mean(axis=1) for i, plain in _AROUND.items()}
         row = {"plain_ms": float(np.median(ms[:, [0, 3, 6]]))}
         for key, calls in (("first_store", [1]), ("store", [4]), ("reuse", [2, 5])):
             row[key + "_ms"] = float(np.median(ms[:, calls]))
