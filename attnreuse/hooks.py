@@ -42,7 +42,8 @@ class AttentionReuseConfig:
         cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
             (``torch.float16`` halves the cache; the paper saw no quality loss; ``torch.float8_e4m3fn`` halves it
             again, stored scaled so that small probabilities survive). On a CPU with AMX, ``torch.bfloat16``
-            also makes reuse calls faster: their A V runs on the bf16 matrix units.
+            also makes reuse calls faster: their A V runs on the bf16 matrix units. With a 16-bit map in another
+            dtype than the model's, a store call's output is the kept map times V as well, as a reuse computes it.
         mode (`str`, *optional*, defaults to ``"map"``): what a self-attention layer keeps for its reuse calls.
             ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding, recomputed by flash
             attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style

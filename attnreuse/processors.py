@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -139,37 +141,84 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-_BLOCK = 1 << 18  # elements of one block of scores in the CPU store: 1 MiB of fp32, within a core's L2 cache
+_BLOCK = 1 << 20  # scores in one block of the CPU store (4 MiB of fp32); of 2^18 to 2^21, tried ad hoc on the
+# development Xeon, 2^20 and 2^21 were the fastest
+_POOL: dict[tuple, ThreadPoolExecutor] = {}  # the CPU store's worker threads by (process, thread count): a forked
+# child has none of its parent's threads
+
+
+def _on_cores(work, count: int) -> None:
+    """Run `work(items)` over `range(count)` split into contiguous parts, one per intra-op thread, each op inside
+    single-threaded. The CPU store's ops are small (one block each): split by torch across cores, every op moves
+    the block between the cores' caches and pays a fork-join, while one thread per part keeps its block in one
+    core's cache (with the 16-bit output of `_map_store_cpu`, the store at 4096 tokens went from 1.37-2.12x flash
+    attention to 0.97-1.35x on the development Xeon, docs/BENCHMARKS.md runs 4-10). torch's thread count is set
+    to 1 while the parts run and restored after, so other threads that start torch work during a store run
+    single-threaded."""
+    total = torch.get_num_threads()
+    threads = min(total, count)
+    if threads < 2:
+        work(range(count))
+        return
+    key = (os.getpid(), threads)
+    pool = _POOL.get(key) or _POOL.setdefault(key, ThreadPoolExecutor(threads, "attnreuse-store"))
+    bounds = [count * t // threads for t in range(threads + 1)]
+    torch.set_num_threads(1)
+    try:
+        list(pool.map(work, [range(a, b) for a, b in zip(bounds, bounds[1:])]))
+    finally:
+        torch.set_num_threads(total)
 
 
 def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor, fp8_scale: float | None = None):
     """A V and A on a CPU, A written into `attn_map` (batch*heads, queries, keys), fp32 inputs, no mask. Blocks of
-    query rows per head: a block's scores are normalised while they are in cache and multiplied by V, and the map
-    is written to memory once and not read back (in place for an fp32 map; a 16-bit or fp8 map, times
-    `fp8_scale`, gets a rounded copy of the block, while the output comes from the fp32 block, as at a plain
-    call). The one-shot path (scores, softmax, A V) passes over the whole map four times: 3.1-4.3x flash
-    attention at 4096 tokens on the development Xeon, against 1.3-2.7x for this into kept fp32 memory
-    (docs/BENCHMARKS.md, `ReuseState.buffer`)."""
+    query rows per head, one thread per core (`_on_cores`): a block's scores are normalised while they are in
+    cache, and the map is written to memory once and not read back. An fp32 map is written in place and the
+    output is the fp32 A V, as at a plain call. A 16-bit map gets a rounded copy of the block, and the output is
+    that rounded block times V rounded alike: the product a reuse of the map computes (`_times_map`), on the
+    CPU's 16-bit matrix units (`_output_via_map`). An fp8 map (times `fp8_scale`) has no matmul: its output is
+    the fp32 A V. The one-shot path (scores, softmax, A V) passes over the whole map four times: 3.1-4.3x flash
+    attention at 4096 tokens on the development Xeon (`ReuseState.buffer` keeps the map's memory between
+    stores)."""
     q, k, v = _flat(query * scale), _flat(key), _flat(value)  # Q scaled once: no pass over each block to scale
     out = torch.empty_like(q)
     rows = max(1, _BLOCK // k.shape[1])
-    scratch = None if attn_map.dtype == q.dtype else q.new_empty(rows, k.shape[1])
-    for i in range(q.shape[0]):
-        k_t = k[i].t()
-        for r in range(0, q.shape[1], rows):
+    same = attn_map.dtype == q.dtype
+    via_map = _output_via_map(attn_map.dtype, q.dtype)
+    v_map = v.to(attn_map.dtype) if via_map else v
+    starts = range(0, q.shape[1], rows)
+
+    def part(items):
+        scratch = None if same else q.new_empty(rows, k.shape[1])
+        for item in items:
+            i, r = divmod(item, len(starts))
+            r = starts[r]
             kept = attn_map[i, r:r + rows]
-            block = kept if scratch is None else scratch[:kept.shape[0]]
-            torch.mm(q[i, r:r + rows], k_t, out=block)
+            block = kept if same else scratch[:kept.shape[0]]
+            torch.mm(q[i, r:r + rows], k[i].t(), out=block)
             torch.ops.aten._softmax.out(block, -1, False, out=block)
+            if via_map:
+                kept.copy_(block)
+                out[i, r:r + rows] = torch.mm(kept, v_map[i])
+                continue
             torch.mm(block, v[i], out=out[i, r:r + rows])
-            if scratch is not None:
+            if not same:
                 kept.copy_(block if fp8_scale is None else block.mul_(fp8_scale))
+    _on_cores(part, q.shape[0] * len(starts))
     return out
+
+
+def _output_via_map(map_dtype, dtype) -> bool:
+    """Whether a store's output is its kept map times V, as a reuse computes it (`_times_map`): for a 16-bit map
+    in another dtype than the model's (the fused CUDA kernel never serves those). Then every call of a layer that
+    keeps a map applies the map as kept, and the CPU store runs its A V on the 16-bit matrix units. fp8 has no
+    matmul, so its store's output is the unrounded A V."""
+    return map_dtype in (torch.float16, torch.bfloat16) and map_dtype != dtype
 
 
 def _times_map(attn_map: torch.Tensor, value: torch.Tensor, unscale) -> torch.Tensor:
     """A V (batch*heads, queries, dim) with A as kept. A 16-bit map multiplies V rounded to its dtype, so A is
-    read once and never copied: on the development Xeon (AMX) a bf16 map's A V is 2.5-4.4x faster than fp32 at 4096
+    read once and never copied: on the development Xeon (AMX) a bf16 map's A V is 2.5-4.6x faster than fp32 at 4096
     tokens (docs/BENCHMARKS.md), and an fp16 map no longer pays for an fp32 copy of A. fp8 has no matmul: the map
     is dequantised (the CUDA kernel avoids that copy, see `check_kernels`)."""
     if unscale is not None:
@@ -352,7 +401,8 @@ class ReuseAttnProcessor:
             mask = self._mask(attn, mask, key.shape[2], b, heads=False)
             out = _attention_map(attn, _flat(query), _flat(key), mask, scale)
             attn_map, unscale = _pack(out, self.state.cache_dtype)
-            out = torch.bmm(out, _flat(value))
+            out = (_times_map(attn_map, _flat(value), unscale) if _output_via_map(attn_map.dtype, out.dtype)
+                   else torch.bmm(out, _flat(value)))
         return out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), attn_map, unscale
 
     def _reuse(self, attn, x, context, mask, slot):

@@ -104,8 +104,9 @@ def _assert_rounded(kept, expected):
 
 @pytest.mark.parametrize("dtype", MAP_DTYPES, ids=str)
 def test_cpu_blockwise_store_is_the_one_shot_map_and_output(monkeypatch, dtype):
-    """The CPU store writes A block by block into the map; with blocks that do not divide the queries it still
-    gives the one-shot softmax(Q K^T * scale), rounded to the map's dtype, and the A V of the unrounded A."""
+    """The CPU store writes A block by block into the map, over the cores in parts; with blocks that do not divide
+    the queries it still gives the one-shot softmax(Q K^T * scale), rounded to the map's dtype. Its output is the
+    A V of the unrounded A for fp32 and fp8 maps, and for 16-bit maps what a reuse of the kept map computes."""
     torch.manual_seed(0)
     q = torch.randn(2, 37, 3, 8).transpose(1, 2)  # (batch, heads, queries, dim), strided as the processor has it
     k, v = torch.randn(2, 3, 41, 8), torch.randn(2, 3, 41, 8)
@@ -115,14 +116,23 @@ def test_cpu_blockwise_store_is_the_one_shot_map_and_output(monkeypatch, dtype):
     reference = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
     expected = _packed(reference.reshape(6, 37, 41), dtype)
     _assert_rounded(attn_map, expected)
-    torch.testing.assert_close(out.view(2, 3, 37, 8), reference @ v, rtol=1e-5, atol=1e-6)
+    if dtype in (torch.bfloat16, torch.float16):
+        reuse = processors._times_map(attn_map, v.reshape(6, 41, 8), None)
+        torch.testing.assert_close(out, reuse, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
+        reference = (attn_map.double() @ v.reshape(6, 41, 8).to(dtype).double()).view(2, 3, 37, 8)  # rounded once
+        tolerance = dict(rtol=torch.finfo(dtype).eps, atol=1e-3)
+    else:
+        tolerance = dict(rtol=1e-5, atol=1e-6)
+        reference = reference @ v
+    torch.testing.assert_close(out.view(2, 3, 37, 8), reference.float(), **tolerance)
 
 
 @pytest.mark.parametrize("dtype", MAP_DTYPES[1:], ids=str)
 def test_reduced_precision_map_reuse_is_the_rounded_map_times_v(dtype):
-    """With `cache_dtype`, a store call still gives the plain call's output, the cache holds A rounded to that
-    dtype, and a reuse call applies that A to the fresh V: a 16-bit map multiplies V rounded to its dtype
-    (one read of A, no copy), an fp8 map is dequantised first."""
+    """With `cache_dtype`, the cache holds A rounded to that dtype, and a reuse call applies that A to the fresh V:
+    a 16-bit map multiplies V rounded to its dtype (one read of A, no copy), an fp8 map is dequantised first. A
+    store call with a 16-bit map gives what a reuse of its map computes at the same call; with an fp8 map, the
+    plain call's output."""
     from test_processor import OneLayer
 
     torch.manual_seed(0)
@@ -138,20 +148,73 @@ def test_reduced_precision_map_reuse_is_the_rounded_map_times_v(dtype):
         heads = lambda t: t.view(2, 64, 4, 8).transpose(1, 2).reshape(8, 64, 8)  # noqa: E731
         exact = torch.softmax(heads(attn.to_q(x0)).double() @ heads(attn.to_k(x0)).double().transpose(1, 2)
                               * 8 ** -0.5, -1)
-        value = heads(attn.to_v(x1)).double()
         scale = processors._FP8_SCALE.get(dtype)
-        if scale is None:  # 16-bit: both factors rounded, the product rounded to the map's dtype
-            product = (exact.to(dtype).double() @ value.to(dtype).double()).to(dtype)
-        else:
-            product = _packed(exact, dtype).double() @ value / scale
-        merged = product.float().view(2, 4, 64, 8).transpose(1, 2).reshape(2, 64, 32)
-        expected = attn.to_out[0](merged)
+
+        def applied(x):  # the kept map applied to the V of input x, then the output projection
+            value = heads(attn.to_v(x)).double()
+            if scale is None:  # 16-bit: both factors rounded, the product rounded to the map's dtype
+                product = (exact.to(dtype).double() @ value.to(dtype).double()).to(dtype)
+            else:
+                product = _packed(exact, dtype).double() @ value / scale
+            return attn.to_out[0](product.float().view(2, 4, 64, 8).transpose(1, 2).reshape(2, 64, 32))
+
         fresh = model(x1)
-    torch.testing.assert_close(stored, plain, rtol=1e-5, atol=1e-6)  # the store's output is not rounded
-    assert kept.dtype == dtype and kept.shape == (8, 64, 64)
-    _assert_rounded(kept, _packed(exact.float(), dtype))
-    torch.testing.assert_close(reused, expected, rtol=0, atol=1e-4)  # the rounding is the only difference
+        torch.testing.assert_close(stored, plain if scale else applied(x0), rtol=1e-5 if scale else 0,
+                                   atol=1e-6 if scale else 1e-4)
+        assert kept.dtype == dtype and kept.shape == (8, 64, 64)
+        _assert_rounded(kept, _packed(exact.float(), dtype))
+        torch.testing.assert_close(reused, applied(x1), rtol=0, atol=1e-4)  # the rounding is the only difference
     assert (reused - fresh).abs().max() > 1e-2  # and the reuse did not recompute the map
+    if scale is None:
+        assert (stored - plain).abs().max() > 0  # the 16-bit store's output is the rounded product
+    with apply_attention_reuse(model, Schedule("10"), cache_dtype=dtype):
+        differentiable = model(x0)  # autograd on: the one-shot store, as under torch.compile, gives the same
+    torch.testing.assert_close(differentiable.detach(), stored, rtol=0, atol=1e-4)
+
+
+def test_cpu_store_parts_cover_each_item_once_on_the_cores_and_restore_torch_threads(monkeypatch):
+    """`_on_cores` gives every item to exactly one part, runs the parts on one pool thread per torch thread with
+    torch single-threaded inside, and restores torch's thread count, also when a part fails."""
+    import threading
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # as on a 3-core machine, whatever this one has
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    seen = []
+
+    def work(items):
+        seen.append((threading.current_thread().name, list(items)))
+
+    processors._on_cores(work, 10)
+    assert sorted(i for _, items in seen for i in items) == list(range(10))
+    assert len(seen) == 3 and all(name.startswith("attnreuse-store") for name, _ in seen)
+    assert calls == [1, 3]
+
+    def fails(items):
+        raise ValueError("a part failed")
+
+    with pytest.raises(ValueError, match="a part failed"):
+        processors._on_cores(fails, 10)
+    assert calls == [1, 3, 1, 3]
+    processors._on_cores(work, 1)  # one item: run here, torch's threads untouched
+    assert calls == [1, 3, 1, 3] and seen[-1] == (threading.current_thread().name, [0])
+
+
+def _parts_seen(count):
+    seen = []
+    processors._on_cores(lambda items: seen.extend(items), count)
+    return sorted(seen)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not hasattr(os, "fork"), reason="needs 2 torch threads and fork")
+def test_cpu_store_parts_run_in_a_forked_child():
+    """A child forked after a store has none of the parent's pool threads; its stores make their own pool
+    instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    assert _parts_seen(4) == [0, 1, 2, 3]  # the parent's pool exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_parts_seen, (4,)).get(timeout=60) == [0, 1, 2, 3]
 
 
 def test_store_and_reuse_calls_backpropagate(sd_pipe):
