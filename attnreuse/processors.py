@@ -185,7 +185,7 @@ def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor, fp8_
     rows = max(1, _BLOCK // k.shape[1])
     same = attn_map.dtype == q.dtype
     via_map = _output_via_map(attn_map.dtype, q.dtype)
-    v_map = v.to(attn_map.dtype) if via_map else v
+    v_map = v.to(attn_map.dtype) if via_map else None
     starts = range(0, q.shape[1], rows)
 
     def part(items):
@@ -200,10 +200,10 @@ def _map_store_cpu(query, key, value, scale: float, attn_map: torch.Tensor, fp8_
             if via_map:
                 kept.copy_(block)
                 out[i, r:r + rows] = torch.mm(kept, v_map[i])
-                continue
-            torch.mm(block, v[i], out=out[i, r:r + rows])
-            if not same:
-                kept.copy_(block if fp8_scale is None else block.mul_(fp8_scale))
+            else:
+                torch.mm(block, v[i], out=out[i, r:r + rows])
+                if not same:
+                    kept.copy_(block if fp8_scale is None else block.mul_(fp8_scale))
     _on_cores(part, q.shape[0] * len(starts))
     return out
 
