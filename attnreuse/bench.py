@@ -117,9 +117,38 @@ def _apply(unet, schedule, variant, **extra):
         processors.USE_KERNELS = before
 
 
-def _usable(variants, device) -> list[str]:
-    """The variants this device can run (fp8 maps need an fp8-capable GPU, or the CPU)."""
-    return [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device))]
+def _usable(variants, device, skip) -> list[str]:
+    """The variants this device can run (fp8 maps need an fp8-capable GPU, or the CPU) and that are not in `skip`."""
+    return [v for v in variants if not (v.endswith("fp8") and not _fp8_ok(device)) and v not in skip]
+
+
+def _available_bytes() -> int | None:
+    """Memory the system can still give (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def _too_large(variants, pairs: int, dtype, device, max_cache_bytes) -> dict[str, str]:
+    """Map variants whose maps (`pairs` query-key pairs per call, all self-attention layers and the batch) would
+    not fit in the CPU's free memory: the process would be killed, not raise as CUDA does. Under a budget the cache
+    holds at most `max_cache_bytes`."""
+    free = _available_bytes() if torch.device(device).type == "cpu" else None
+    skip = {}
+    for v in variants:
+        options, _ = _options(v)
+        if free is None or options.get("mode") != "map":
+            continue
+        need = pairs * (options.get("cache_dtype") or dtype).itemsize
+        if min(need, max_cache_bytes if max_cache_bytes is not None else need) > 0.8 * free:
+            skip[v] = f"maps need {_gib(need)}, {_gib(free)} free: set a budget (--max-cache) or 16-bit maps"
+    return skip
 
 
 # per call, on the bare model: plain (compute) calls at 0, 3 and 6 around a handle's first store (1), a reuse (2), a
@@ -128,7 +157,7 @@ _PER_CALL = "1101101"
 _AROUND = {1: [0, 3], 2: [0, 3], 4: [3, 6], 5: [3, 6]}  # the plain calls either side of each measured call
 
 
-def per_call(unet, inputs, variants, repeats: int, device) -> dict:
+def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -> dict:
     """Milliseconds of plain, store and reuse calls, and each as a ratio to the plain calls next to it. Each
     variant runs `_PER_CALL` per round: its plain calls (the layers' own processors, behind the handle's hooks)
     bracket a first store, a reuse, a later store and a reuse, and each of those is divided by the mean of the two
@@ -136,11 +165,11 @@ def per_call(unet, inputs, variants, repeats: int, device) -> dict:
     measured (docs/BENCHMARKS.md), so only these local ratios are compared; their medians over rounds are the
     `*_x` figures. A plain call of the stock processors (no handle) opens each round (`sdpa`); round 0 is a
     warm-up. `first_store` is a handle's first store (new memory); `store` writes over kept memory (CPU maps), as
-    every later store does."""
+    every later store does. `options` go to `apply_attention_reuse` (a budget); variants in `skip` do not run."""
     t = torch.tensor(500.0, device=device)
     call = lambda: unet(timestep=t, **inputs)  # noqa: E731
-    usable = _usable(variants, device)
-    plain, runs, cache, failed = [], {v: [] for v in usable}, {}, {}
+    usable = _usable(variants, device, skip)
+    plain, runs, cache, failed = [], {v: [] for v in usable}, {}, dict(skip)
     with torch.no_grad():
         for round_ in tqdm(range(repeats + 1), desc="per call (round 0 is warm-up)", dynamic_ncols=True):
             plain.append(_timed(call, device))
@@ -148,7 +177,7 @@ def per_call(unet, inputs, variants, repeats: int, device) -> dict:
                 if variant in failed:
                     continue
                 try:
-                    with _apply(unet, Schedule(_PER_CALL), variant) as handle:
+                    with _apply(unet, Schedule(_PER_CALL), variant, **options) as handle:
                         runs[variant].append([_timed(call, device) for _ in _PER_CALL])
                         cache[variant] = handle.stats()["peak_cache_bytes"] / 2**20
                 except torch.OutOfMemoryError:
@@ -173,14 +202,16 @@ def _fp8_ok(device) -> bool:
     return hasattr(torch, "float8_e4m3fn") and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guidance: float = 7.5) -> dict:
+def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guidance: float = 7.5, skip=(),
+               **options) -> dict:
     """Seconds per image-batch of a DDIM loop with CFG (the UNet batch holds both branches), no reuse against
     each variant with `schedule`; runs are interleaved (baseline, variants, baseline, ...) so drift hits all.
     `speedup` divides the baseline's median by the variant's; `speedup_local` is the median over rounds of each run
     against the mean of the baseline runs just before and after it, which drift over the run does not bias.
     A timed run is a later generation of a handle, as when a user applies reuse once and generates many images:
     the handle's kept map memory (`ReuseState.buffer`, CPU) is carried over from the variant's warm-up run. The
-    one-off cost of a handle's first stores is the per-call `first_store_ms`."""
+    one-off cost of a handle's first stores is the per-call `first_store_ms`. `options` and `skip` as in
+    `per_call`."""
     from diffusers import DDIMScheduler
 
     from .local import _SD_SCHEDULER
@@ -202,14 +233,14 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
 
     runs = {"none": []}
     outputs, peaks, kept = {}, {}, {}
-    usable = _usable(variants, device)
+    usable = _usable(variants, device, skip)
     with torch.no_grad():
         reference = sample()  # warm-up too
         for variant in tqdm(list(usable), desc="end to end, warm-up", dynamic_ncols=True):
             try:
-                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler) as handle:
+                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler, **options) as handle:
                     outputs[variant] = sample()  # warm-up, and the output for the error column
-                    kept[variant] = handle.state.buffers  # the same dict object survives remove()'s reset
+                    kept[variant] = handle.state.buffers, handle.state.reserved  # the dicts survive remove()
                 runs[variant] = []
             except torch.OutOfMemoryError:
                 usable.remove(variant)
@@ -217,8 +248,8 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
         for _ in tqdm(range(repeats), desc="end to end, timed rounds", dynamic_ncols=True):
             runs["none"].append(_timed(sample, device))
             for variant in usable:
-                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler) as handle:
-                    handle.state.buffers = kept[variant]
+                with _apply(unet, Schedule(schedule), variant, scheduler=scheduler, **options) as handle:
+                    handle.state.buffers, handle.state.reserved = kept[variant]
                     runs[variant].append(_timed(sample, device))
                     peaks[variant] = handle.stats()["peak_cache_bytes"]
         kept.clear()
@@ -234,6 +265,7 @@ def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guid
             diff = (outputs[name].float() - reference.float()).pow(2).mean().sqrt().item()
             row.update(rms_latent_change=diff, cache_mib=peaks[name] / 2**20)
         result[name] = row
+    result.update({v: {"skipped": reason} for v, reason in dict(skip).items() if v in variants})
     return result
 
 
@@ -291,9 +323,10 @@ def attention_only(batch: int, heads: int, tokens: int, dim: int, device, dtype,
             **{name: {"ms": ms, "x": ms / base} for name, ms in result.items()}}
 
 
-def _attention_profile(unet, inputs, device, calls: int = 3) -> tuple[tuple[int, int, int], dict]:
+def _attention_profile(unet, inputs, device, calls: int = 3) -> tuple[tuple[int, int, int], dict, int]:
     """From plain calls with hooks on every attention module: (heads, tokens, head dim) of the self-attention layer
-    with the most tokens, and the median share of a call spent in self- and cross-attention modules. A reuse call
+    with the most tokens, the median share of a call spent in self- and cross-attention modules, and the number
+    of entries of all self-attention maps of one call (batch included). A reuse call
     still runs everything else, so that share bounds what any mode can save."""
     kinds = attention_layers(unet)
     shapes, clock, spent = [], {}, {"self": 0.0, "cross": 0.0}
@@ -328,17 +361,22 @@ def _attention_profile(unet, inputs, device, calls: int = 3) -> tuple[tuple[int,
     finally:
         for h in hooks:
             h.remove()
-    return max(shapes, key=lambda s: s[1]), {kind: statistics.median(v) for kind, v in shares.items()}
+    pairs = inputs["sample"].shape[0] * sum(h * t * t for h, t, _ in shapes) // calls
+    return max(shapes, key=lambda s: s[1]), {kind: statistics.median(v) for kind, v in shares.items()}, pairs
 
 
 def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | None = None,
           variants=("map", "qk", "output", "auto"), repeats: int = 5, e2e_repeats: int = 3,
           schedule: str = PAPER_PHAST_DDIM20, compile: bool = False, e2e_variants=None,
-          size: int | None = None) -> dict:
-    """Per-call and end-to-end figures for one architecture, batch and device (see the module docstring)."""
+          size: int | None = None, max_cache_bytes: int | None = None) -> dict:
+    """Per-call and end-to-end figures for one architecture, batch and device (see the module docstring), with the
+    cache under `max_cache_bytes` if given. On a CPU, map variants whose maps would not fit in free memory are
+    skipped (named in the results) instead of the process being killed."""
     unknown = [v for v in (*variants, *(e2e_variants or ())) if v not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown bench mode(s) {unknown}; choose from {sorted(VARIANTS)}.")
+    if max_cache_bytes is not None and max_cache_bytes < 0:
+        raise ValueError(f"The cache budget must not be negative, got {max_cache_bytes} bytes.")
     device = torch.device(device)
     dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     unet, inputs = build_unet(arch, device, dtype, batch, size)
@@ -348,14 +386,17 @@ def bench(arch: str = "sd15", batch: int = 2, device: str = "cpu", dtype: str | 
 
     info = dict(arch=arch, resolution=size or RESOLUTION.get(arch) or ARCHS[arch]["size"], batch=batch, device=device_name(device),
                 dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, compiled=compile,
-                schedule=schedule)
-    (heads, tokens, dim), share = _attention_profile(getattr(unet, "_orig_mod", unet), inputs, device)
+                schedule=schedule, max_cache_bytes=max_cache_bytes)
+    (heads, tokens, dim), share, pairs = _attention_profile(getattr(unet, "_orig_mod", unet), inputs, device)
+    e2e_variants = variants if e2e_variants is None else e2e_variants
+    skip = _too_large({*variants, *e2e_variants}, pairs, dtype, device, max_cache_bytes)
+    info["map_gib"] = pairs * dtype.itemsize / 2**30  # every self-attention map of a call, in the model's dtype
+    options = dict(skip=skip, max_cache_bytes=max_cache_bytes)
     out = {"setup": info, "attention_share": share,
            "attention_only": attention_only(inputs["sample"].shape[0], heads, tokens, dim, device, dtype, 4 * repeats),
-           "per_call": per_call(unet, inputs, variants, repeats, device)}
-    e2e_variants = variants if e2e_variants is None else e2e_variants
+           "per_call": per_call(unet, inputs, variants, repeats, device, **options)}
     if e2e_variants:
-        out["end_to_end"] = end_to_end(unet, inputs, e2e_variants, schedule, e2e_repeats, device)
+        out["end_to_end"] = end_to_end(unet, inputs, e2e_variants, schedule, e2e_repeats, device, **options)
     return out
 
 
@@ -391,9 +432,10 @@ def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
         s = r["setup"]
+        budget = s.get("max_cache_bytes")
         lines += [f"### {s['arch']} {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['dtype']}"
-                  f"{', torch.compile' if s['compiled'] else ''} on {s['device']}", "",
-                  ]
+                  f"{', torch.compile' if s['compiled'] else ''}"
+                  f"{f', cache budget {_gib(budget)}' if budget is not None else ''} on {s['device']}", ""]
         if "attention_share" in r:
             lines += [f"Attention modules take {r['attention_share']['self']:.1%} (self) and "
                       f"{r['attention_share']['cross']:.1%} (cross) of a plain call: all that a reuse call can skip.",
@@ -422,6 +464,9 @@ def markdown(results: list[dict]) -> str:
                       "| mode | time | speed-up (medians) | speed-up (each run against the baselines around it) "
                       "| RMS change of the final latents | cache |", "|---|---|---|---|---|---|"]
             for name, row in r["end_to_end"].items():
+                if "skipped" in row:
+                    lines.append(f"| {name} | {row['skipped']} | | | | |")
+                    continue
                 extra = (f"{row['speedup_local']:.3f}x | {row['rms_latent_change']:.4f} | {row['cache_mib']:.0f} MiB"
                          if "cache_mib" in row else " | | ")
                 lines.append(f"| {name} | {row['ms']:.0f} ms | {row['speedup']:.3f}x | {extra} |")

@@ -76,6 +76,7 @@ class ReuseState:
     peak_bytes: int = 0
     slots: dict[str, tuple] = field(default_factory=dict)
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU map memory, see `buffer`
+    reserved: dict[str, tuple] = field(default_factory=dict)  # under a budget, see `reservation`
     counts: dict[str, LayerCounts] = field(default_factory=dict)
     _before: dict[str, tuple] = field(default_factory=dict)
     _context: tuple = (None, -1)  # the encoder states of the last store call, and their version
@@ -191,16 +192,36 @@ class ReuseState:
         """Memory for a layer's new CPU map: the memory of its previous map, written over, when the shape and dtype
         match. Writing a map into new CPU memory costs about 0.5 s per GiB more on the development Xeon (page faults;
         docs/BENCHMARKS.md), where the CUDA caching allocator would hand memory back at no cost. The memory stays
-        with the handle between generations (`reset`/`remove` give it back); it is not kept when a memory budget
-        is set (nothing is held beyond the cache) or after a snapshot (maps shared by reference)."""
+        with the handle between generations (`reset`/`remove` give it back; under a budget it is counted in the
+        layer's `reservation`); it is not kept after a snapshot (maps shared by reference)."""
         kept = self.buffers.get(name)
         if kept is not None and kept.shape == shape and kept.dtype == dtype and kept.device == device:
             return kept
         self.buffers.pop(name, None)
         new = torch.empty(shape, dtype=dtype, device=device)
-        if self._recycle and self.max_cache_bytes is None:
+        if self._recycle:
             self.buffers[name] = new
         return new
+
+    def reservation(self, name: str, key: tuple) -> tuple[str | None, int]:
+        """Under `max_cache_bytes`: (the kind this layer keeps, None when it must choose anew; the bytes the other
+        layers hold or have reserved). A layer chooses at its first store with new shapes (`key`) and keeps that
+        choice while its shapes stay, so the choices are those of a fresh handle: the layers that have not stored
+        in this generation drop their reservations and kept memory first. Each reservation covers the layer's slot
+        and kept memory, and a choice fits in what the others reserved, so together they never exceed the budget."""
+        entry = self.reserved.get(name)
+        if entry is not None and entry[0] == key:
+            self.reserved[name] = (*entry[:3], self.generations)
+            return entry[1], 0
+        for other in [n for n, e in self.reserved.items() if e[3] != self.generations or n == name]:
+            del self.reserved[other]
+        for other in [n for n in self.buffers if n not in self.reserved and n not in self.slots]:
+            del self.buffers[other]
+        held = sum(e[2] for e in self.reserved.values())
+        return None, held + sum(slot_bytes(s) for n, s in self.slots.items() if n not in self.reserved)
+
+    def reserve(self, name: str, key: tuple, kind: str, nbytes: int) -> None:
+        self.reserved[name] = (key, kind, nbytes, self.generations)
 
     @property
     def buffer_bytes(self) -> int:
@@ -214,7 +235,7 @@ class ReuseState:
     def reset(self) -> None:
         """Forget the cache (its kept memory included), the position in the schedule and the counts."""
         self.free()
-        self.buffers, self._recycle = {}, True
+        self.buffers, self.reserved, self._recycle = {}, {}, True
         self.plan, self.call, self.action = (), -1, COMPUTE
         self.generations, self.peak_bytes, self.context_changed = 0, 0, False
         self._timesteps_ref, self._last_t, self._ended = None, None, False

@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--e2e-modes", help="modes of the end-to-end runs (default: --modes; 'none' for none)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the UNet first")
     bench.add_argument("--size", type=int, help="image size in pixels (default: 512 for sd15, 1024 for sdxl)")
+    bench.add_argument("--max-cache", type=float, metavar="GIB",
+                       help="memory budget of the cache in GiB (max_cache_bytes); layers that do not fit fall back")
     bench.add_argument("--device", default=device)
     bench.add_argument("--dtype", help="float16, bfloat16 or float32 (default: float16 on CUDA, float32 on CPU)")
     bench.add_argument("--quality", action="store_true",
@@ -470,7 +472,8 @@ def _bench(args) -> int:
             e2e = None if args.e2e_modes is None else _modes(args.e2e_modes)
             repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
             result = b.bench(arch, batch, args.device, args.dtype, _modes(args.modes), repeats,
-                             args.e2e_repeats, args.schedule or b.PAPER_PHAST_DDIM20, args.compile, e2e, args.size)
+                             args.e2e_repeats, args.schedule or b.PAPER_PHAST_DDIM20, args.compile, e2e, args.size,
+                             None if args.max_cache is None else int(args.max_cache * 2**30))
             print(b.markdown([result]), flush=True)
             results.append(result)
             path.write_text(json.dumps(results, indent=1))

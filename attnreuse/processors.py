@@ -347,8 +347,9 @@ class ReuseAttnProcessor:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
     def _kind(self, attn, query, key) -> str:
-        """What this layer keeps: its mode (auto resolved by map size), or a cheaper fallback when the cache
-        would exceed `max_cache_bytes`. Fixed by shapes alone, so every generation of a size chooses the same."""
+        """What this layer keeps: its mode (auto resolved by map size), or, under `max_cache_bytes`, a cheaper
+        fallback when it would not fit beside what the other layers reserved (`ReuseState.reservation`). Fixed by
+        shapes alone, so every generation of a size chooses the same."""
         kind = self.mode
         if kind == AUTO:
             limit = AUTO_MAP_MAX_PAIRS.get(query.device.type, AUTO_MAP_MAX_PAIRS["cpu"])
@@ -356,16 +357,21 @@ class ReuseAttnProcessor:
         budget = self.state.max_cache_bytes
         if budget is None:
             return kind
-        held = self.state.nbytes
+        shapes = (tuple(query.shape), tuple(key.shape), query.dtype)
+        chosen, held = self.state.reservation(self.name, shapes)
+        if chosen is not None:
+            return chosen
         while kind != NONE and held + self._predicted(kind, attn, query, key) > budget:
             kind = _FALLBACK[kind]
+        self.state.reserve(self.name, shapes, kind, self._predicted(kind, attn, query, key))
         return kind
 
     def _predicted(self, kind, attn, query, key) -> int:
         b, h, q, d = query.shape
         dtype = self.state.cache_dtype or query.dtype
         size = {MAP: b * h * q * key.shape[2] * dtype.itemsize,
-                QK: slot_bytes((QK, query, key)), OUTPUT: b * q * attn.to_out[0].out_features * query.element_size()}
+                QK: slot_bytes((QK, query, key)), OUTPUT: b * q * attn.to_out[0].out_features * query.element_size(),
+                NONE: 0}
         return size[kind] if kind != CROSS else size[QK] + size[OUTPUT]
 
     def _store(self, attn, x, context, mask):

@@ -231,10 +231,11 @@ def test_store_and_reuse_calls_backpropagate(sd_pipe):
 
 def test_cpu_map_memory_is_written_over_not_reallocated_and_never_under_a_snapshot(sd_pipe):
     """A layer's next store (in this generation or the next) writes into the memory of its previous map, giving
-    the images of fresh memory; a budget keeps nothing beyond the cache, and a snapshot's maps stay intact."""
+    the images of fresh memory, and a snapshot's maps stay intact."""
     schedule = Schedule("101010")
-    with apply_attention_reuse(sd_pipe, schedule, attention="self", max_cache_bytes=2**40) as handle:
-        fresh = run(sd_pipe)  # a budget: every store allocates, and nothing is kept after the generation
+    with apply_attention_reuse(sd_pipe, schedule, attention="self") as handle:
+        fresh = run(sd_pipe)
+        handle.reset()  # gives the kept memory back
         assert handle.state.buffers == {} and handle.stats()["kept_buffer_bytes"] == 0
     pointers = []
 
@@ -260,6 +261,56 @@ def test_cpu_map_memory_is_written_over_not_reallocated_and_never_under_a_snapsh
         for name, kept in snapshots[1].items():  # the stores at calls 2 and 4 did not write over these maps
             torch.testing.assert_close(snapshots[0][2][name][1], kept, rtol=0, atol=0)
     assert handle.state.buffers == {}  # remove() gives the memory back
+
+
+def _held_bytes(state) -> int:
+    """Bytes of the cache's slots plus the kept map memory that no slot is using."""
+    used = {s[1].data_ptr() for s in state.slots.values() if s[0] == "map"}
+    return state.nbytes + sum(t.numel() * t.element_size() for t in state.buffers.values()
+                              if t.data_ptr() not in used)
+
+
+def test_under_a_budget_map_memory_is_kept_within_it_and_choices_depend_on_shapes_only(sd_pipe):
+    """With max_cache_bytes the kept CPU map memory is written over in later generations too, the cache and that
+    memory together stay within the budget, and a handle that generated at another size first chooses (and
+    outputs) as a fresh handle does."""
+    schedule = Schedule("101010")
+    with apply_attention_reuse(sd_pipe, schedule, attention="self") as handle:
+        run(sd_pipe)
+        budget = handle.stats()["peak_cache_bytes"] * 2 // 3  # not every layer's map fits
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        state = handle.state
+        seen.append((_held_bytes(state), {n: (s[0], s[1].data_ptr() if s[0] == "map" else None)
+                                          for n, s in state.slots.items()}))
+        return kwargs
+
+    def kinds(kept):
+        return {name: kind for name, (kind, _) in kept.items()}
+
+    def generate(size=32):
+        seen.clear()
+        image = run(sd_pipe, height=size, width=size, callback_on_step_end=callback)
+        assert max(h for h, _ in seen) <= budget and _held_bytes(handle.state) <= budget
+        return image, seen[0][1]  # after the first store call: what each layer keeps, where its map lives
+
+    with apply_attention_reuse(sd_pipe, schedule, attention="self", max_cache_bytes=budget) as handle:
+        first, kept = generate()
+        assert set(kinds(kept).values()) == {"map", "qk"}
+        assert all(s == kept for _, s in seen[0::2])  # every store call: the same choice and the same memory
+        again, kept_again = generate()
+        np.testing.assert_array_equal(again, first)
+        assert kept_again == kept  # the maps were written over, not reallocated
+        large, kept_large = generate(64)  # 4x the tokens: the large layers' maps no longer fit
+        assert kinds(kept_large) != kinds(kept) and "qk" in kinds(kept_large).values()
+        back, kept_back = generate()
+        np.testing.assert_array_equal(back, first)
+        assert kinds(kept_back) == kinds(kept)
+    with apply_attention_reuse(sd_pipe, schedule, attention="self", max_cache_bytes=budget) as handle:
+        fresh, kept_fresh = generate(64)  # a fresh handle at the larger size chooses and generates the same
+        np.testing.assert_array_equal(fresh, large)
+        assert kinds(kept_fresh) == kinds(kept_large)
 
 
 @pytest.mark.parametrize("order", ["compile after apply", "apply after compile"])
@@ -362,6 +413,32 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
     assert "| map |" in (tmp_path / "bench.md").read_text()
     assert main(["bench", "--arch", "tiny-sd", "--modes", "flash", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "Unknown bench mode(s) ['flash']" in capsys.readouterr().err
+
+
+def test_bench_skips_maps_beyond_free_cpu_memory_and_runs_them_under_a_budget(tmp_path, monkeypatch):
+    """A CPU process whose maps exceed its memory is killed, so the bench names such a mode instead of running it;
+    with --max-cache the same mode runs within that budget."""
+    import json
+
+    from attnreuse import bench
+    from attnreuse.cli import main
+
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 4 * 2**20)  # tiny-sd's maps: 6.1 MiB in fp32, 3.1 in bf16
+    args = ["bench", "--arch", "tiny-sd", "--modes", "map,map-bf16,qk", "--e2e-modes", "map", "--repeats", "1",
+            "--e2e-repeats", "1", "--schedule", "101", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    (result,) = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert result["setup"]["map_gib"] * 2**30 == 2 * 4 * (3 * 256**2 + 64**2) * 4  # batch, heads, 16^2 and 8^2 tokens
+    skipped = {"skipped": "maps need 0.00598 GiB, 0.00391 GiB free: set a budget (--max-cache) or 16-bit maps"}
+    assert result["per_call"]["map"] == skipped and result["end_to_end"]["map"] == skipped
+    assert all(result["per_call"][m]["store_ms"] > 0 for m in ("map-bf16", "qk"))
+    assert "set a budget" in (tmp_path / "a" / "bench.md").read_text()
+    assert main([*args, "--max-cache", "0.002", "--out", str(tmp_path / "b")]) == 0
+    (result,) = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["setup"]["max_cache_bytes"] == int(0.002 * 2**30)
+    for rows in (result["per_call"], result["end_to_end"]):
+        assert 0 < rows["map"]["cache_mib"] <= 0.002 * 1024
+    assert "cache budget 0.002 GiB" in (tmp_path / "b" / "bench.md").read_text()
 
 
 def test_bench_end_to_end_times_later_generations_of_a_handle(monkeypatch):
