@@ -49,9 +49,11 @@ class AttentionReuseConfig:
             attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style
             broadcast, not the paper's method). ``"auto"``: the map where it is small, else Q and K.
             Cross-attention is an exact output cache in every mode.
-        max_cache_bytes (`int`, *optional*): the cache never holds more. A layer whose choice would not fit keeps
-            something smaller (map -> Q and K) or nothing (it then computes at reuse calls); the choice depends
-            only on shapes, so it is the same for every generation of one size.
+        max_cache_bytes (`int`, *optional*): the cache, with the map memory kept for the next store, never holds
+            more. A layer whose choice would not fit beside the layers before it keeps something smaller (map ->
+            Q and K) or nothing (it then computes at reuse calls). It chooses at its first store and keeps the
+            choice while its shapes stay, so the choice depends only on shapes: the same for every generation of
+            one size.
     """
 
     schedule: Schedule
