@@ -207,21 +207,21 @@ class ReuseState:
         """Under `max_cache_bytes`: (the kind this layer keeps, None when it must choose anew; the bytes the other
         layers hold or have reserved). A layer chooses at its first store with new shapes (`key`) and keeps that
         choice while its shapes stay, so the choices are those of a fresh handle: the layers that have not stored
-        in this generation drop their reservations and kept memory first. Each reservation covers the layer's slot
-        and kept memory, and a choice fits in what the others reserved, so together they never exceed the budget."""
+        in this generation (no slot) drop their reservations and kept memory first. Each reservation covers the
+        layer's slot and kept memory, and a choice fits beside the others, so together they stay within the budget.
+        Only the slots and the reservations are read, so a compiled UNet does not recompile per generation."""
         entry = self.reserved.get(name)
         if entry is not None and entry[0] == key:
-            self.reserved[name] = (*entry[:3], self.generations)
             return entry[1], 0
-        for other in [n for n, e in self.reserved.items() if e[3] != self.generations or n == name]:
+        for other in [n for n in self.reserved if n not in self.slots]:
             del self.reserved[other]
-        for other in [n for n in self.buffers if n not in self.reserved and n not in self.slots]:
+        for other in [n for n in self.buffers if n not in self.slots]:
             del self.buffers[other]
         held = sum(e[2] for e in self.reserved.values())
         return None, held + sum(slot_bytes(s) for n, s in self.slots.items() if n not in self.reserved)
 
     def reserve(self, name: str, key: tuple, kind: str, nbytes: int) -> None:
-        self.reserved[name] = (key, kind, nbytes, self.generations)
+        self.reserved[name] = (key, kind, nbytes)
 
     @property
     def buffer_bytes(self) -> int:

@@ -341,6 +341,35 @@ def test_compiled_unet_matches_eager_with_one_graph_per_kind_of_call(sd_pipe, or
     assert counters["stats"]["unique_graphs"] <= 4  # compute, store, reuse (+ the store after a reuse run)
 
 
+def test_compiled_unet_under_a_budget_does_not_recompile_per_generation(sd_pipe):
+    """The layers' choices under max_cache_bytes are read inside the compiled graph: a later generation's first
+    store (which finds the choices made in the first) is one graph more, and after that no call compiles again."""
+    from torch._dynamo.utils import counters
+
+    schedule = Schedule("110100")
+    with apply_attention_reuse(sd_pipe, schedule) as handle:
+        run(sd_pipe)
+        budget = handle.stats()["peak_cache_bytes"] * 2 // 3
+    with apply_attention_reuse(sd_pipe, schedule, max_cache_bytes=budget):
+        eager = run(sd_pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    unet = sd_pipe.unet
+    handle = apply_attention_reuse(sd_pipe, schedule, max_cache_bytes=budget)
+    sd_pipe.unet = torch.compile(unet, backend="eager")
+    graphs = []
+    try:
+        for _ in range(4):
+            np.testing.assert_allclose(run(sd_pipe), eager, atol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert handle.stats()["peak_cache_bytes"] <= budget
+    finally:
+        handle.remove()
+        sd_pipe.unet = unet
+        torch._dynamo.reset()
+    assert graphs[0] <= 4 and graphs[1] == graphs[2] == graphs[3] <= graphs[0] + 1
+
+
 KERNEL_CHECK = textwrap.dedent("""
     import torch
     from attnreuse.kernels import apply_map, attention_with_map
