@@ -165,7 +165,8 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -
     measured (docs/BENCHMARKS.md), so only these local ratios are compared; their medians over rounds are the
     `*_x` figures. A plain call of the stock processors (no handle) opens each round (`sdpa`); round 0 is a
     warm-up. `first_store` is a handle's first store (new memory); `store` writes over kept memory (CPU maps), as
-    every later store does. `options` go to `apply_attention_reuse` (a budget); variants in `skip` do not run."""
+    every later store does. `runs_ms` keeps every timed call (per round: the stock call; each variant's seven).
+    `options` go to `apply_attention_reuse` (a budget); variants in `skip` do not run."""
     t = torch.tensor(500.0, device=device)
     call = lambda: unet(timestep=t, **inputs)  # noqa: E731
     usable = _usable(variants, device, skip)
@@ -183,7 +184,7 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -
                 except torch.OutOfMemoryError:
                     failed[variant] = "out of memory"
                     torch.cuda.empty_cache()
-    result = {"sdpa": {"ms": statistics.median(plain[1:]), "x": 1.0}}
+    result = {"sdpa": {"ms": statistics.median(plain[1:]), "x": 1.0, "runs_ms": plain[1:]}}
     for variant in variants:
         if variant not in usable or variant in failed:
             result[variant] = {"skipped": failed.get(variant, "no fp8 on this device")}
@@ -194,7 +195,7 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -
         for key, calls in (("first_store", [1]), ("store", [4]), ("reuse", [2, 5])):
             row[key + "_ms"] = float(np.median(ms[:, calls]))
             row[key + "_x"] = float(np.median(np.concatenate([ratio[i] for i in calls])))
-        result[variant] = dict(row, cache_mib=cache[variant])
+        result[variant] = dict(row, cache_mib=cache[variant], runs_ms=ms.tolist())  # per round, as `_PER_CALL`
     return result
 
 

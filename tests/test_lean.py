@@ -432,6 +432,8 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
     assert set(result["per_call"]) == {"sdpa", "map", "map-torch", "map-fp8", "qk", "output", "auto"}
     assert all(row["store_ms"] > 0 and row["reuse_x"] > 0 and row["plain_ms"] > 0
                for name, row in result["per_call"].items() if name != "sdpa")
+    assert len(result["per_call"]["sdpa"]["runs_ms"]) == 1  # one timed round, every call kept
+    assert all(np.shape(row["runs_ms"]) == (1, 7) for row in result["per_call"].values() if "store_ms" in row)
     assert 0 < result["attention_share"]["cross"] < 1 and 0 < result["attention_share"]["self"] < 1
     assert result["attention_only"]["shape"][2] == 16 * 16  # tiny-sd's largest self-attention: 16 x 16 latents
     e2e = result["end_to_end"]
