@@ -203,25 +203,30 @@ class ReuseState:
             self.buffers[name] = new
         return new
 
-    def reservation(self, name: str, key: tuple) -> tuple[str | None, int]:
-        """Under `max_cache_bytes`: (the kind this layer keeps, None when it must choose anew; the bytes the other
-        layers hold or have reserved). A layer chooses at its first store with new shapes (`key`) and keeps that
-        choice while its shapes stay, so the choices are those of a fresh handle: the layers that have not stored
-        in this generation (no slot) drop their reservations and kept memory first. Each reservation covers the
-        layer's slot and kept memory, and a choice fits beside the others, so together they stay within the budget.
-        Only the slots and the reservations are read, so a compiled UNet does not recompile per generation."""
+    def reservation(self, name: str, key: tuple) -> str | None:
+        """Under `max_cache_bytes`: the kind this layer keeps, or None when it must choose anew. A layer chooses at
+        its first store with new shapes (`key`) and keeps that choice while its shapes stay. Before it chooses, the
+        layers that have not stored in this generation (no slot) drop their reservations and kept memory, so the
+        choices are those of a fresh handle. Only the slots and the reservations are read, so a compiled UNet does
+        not recompile per generation."""
         entry = self.reserved.get(name)
         if entry is not None and entry[0] == key:
-            return entry[1], 0
+            return entry[1]
         for other in [n for n in self.reserved if n not in self.slots]:
             del self.reserved[other]
         for other in [n for n in self.buffers if n not in self.slots]:
             del self.buffers[other]
-        held = sum(e[2] for e in self.reserved.values())
-        return None, held + sum(slot_bytes(s) for n, s in self.slots.items() if n not in self.reserved)
+        return None
 
     def reserve(self, name: str, key: tuple, kind: str, nbytes: int) -> None:
         self.reserved[name] = (key, kind, nbytes)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes the reservations cover (each a layer's slot and kept memory), and any slot without one. A choice
+        fits beside this, so the cache and its kept memory stay within the budget."""
+        return (sum(entry[2] for entry in self.reserved.values())
+                + sum(slot_bytes(slot) for name, slot in self.slots.items() if name not in self.reserved))
 
     @property
     def buffer_bytes(self) -> int:

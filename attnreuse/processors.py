@@ -358,9 +358,10 @@ class ReuseAttnProcessor:
         if budget is None:
             return kind
         shapes = (tuple(query.shape), tuple(key.shape), query.dtype)
-        chosen, held = self.state.reservation(self.name, shapes)
+        chosen = self.state.reservation(self.name, shapes)
         if chosen is not None:
             return chosen
+        held = self.state.reserved_bytes
         while kind != NONE and held + self._predicted(kind, attn, query, key) > budget:
             kind = _FALLBACK[kind]
         self.state.reserve(self.name, shapes, kind, self._predicted(kind, attn, query, key))
