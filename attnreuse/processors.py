@@ -376,8 +376,7 @@ class ReuseAttnProcessor:
         return size[kind] if kind != CROSS else size[QK] + size[OUTPUT]
 
     def _store(self, attn, x, context, mask):
-        state = self.state
-        state.slots.pop(self.name, None)  # the old slot goes first: the cache never holds two of a layer
+        state = self.state  # `before_call` emptied the cache
         query, key, value, scale = self._qkv(attn, x, context)
         kind = self._kind(attn, query, key)
         if kind == MAP:

@@ -2,9 +2,9 @@
 # Where diffusers is not installed (the project's GPU image), carry its wheels in .whl/; elsewhere install attnreuse
 # and skip the pip line.
 # Issue 6 on the GPU: the fused-kernel test on CUDA, then `attnreuse bench` for SD1.5 (b=2, 8) and SDXL (b=2 with
-# end-to-end, b=8 per call), then a torch.compile run of SD1.5 b=2 with whatever time is left. Results to $OUT.
+# end-to-end, b=8 per call), then a torch.compile run of SD1.5 b=2 with whatever time is left. Results to $OUT (7 files).
 # Dry run on CPU: DEVICE=cpu SD=tiny-sd XL=tiny-sdxl OUT=/tmp/x bash scripts/bench_gpu.sh
-T0=$(date +%s); DEADLINE=${DEADLINE:-470}
+T0=$(date +%s); DEADLINE=${DEADLINE:-540}
 DEVICE=${DEVICE:-cuda}; SD=${SD:-sd15}; XL=${XL:-sdxl}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 if [ "$DEVICE" = cuda ]; then
@@ -23,5 +23,5 @@ timeout $(( $(left) - 110 )) $A --arch $XL --batch 2 --e2e-modes map,qk,output,a
 echo "== $(( $(date +%s) - T0 )) s"
 timeout $(( $(left) - 80 )) $A --arch $XL --batch 8 --modes map,map-fp8,qk,output,auto --repeats 3 --e2e-modes none $X 2>&1 | grep -v "should be kept" | tee -a $OUT/sdxl.log
 echo "== $(( $(date +%s) - T0 )) s"
-timeout $(( $(left) )) $A --arch $SD --batch 2 --compile --modes map,output --e2e-modes none --out $OUT/compile $X 2>&1 | grep -v "should be kept" | tail -20 | tee $OUT/compile.log
+timeout $(( $(left) )) $A --arch $SD --batch 2 --compile --modes map,output --e2e-modes none --out $OUT/bench $X 2>&1 | grep -v "should be kept" | tail -20 | tee $OUT/compile.log
 echo "done $(( $(date +%s) - T0 )) s"

@@ -338,12 +338,12 @@ def test_compiled_unet_matches_eager_with_one_graph_per_kind_of_call(sd_pipe, or
         torch._dynamo.reset()
     for image in images:
         np.testing.assert_allclose(image, eager, atol=1e-5)
-    assert counters["stats"]["unique_graphs"] <= 4  # compute, store, reuse (+ the store after a reuse run)
+    assert counters["stats"]["unique_graphs"] == 3  # compute, store, reuse: a store after a reuse run is no other
 
 
 def test_compiled_unet_under_a_budget_does_not_recompile_per_generation(sd_pipe):
-    """The layers' choices under max_cache_bytes are read inside the compiled graph: a later generation's first
-    store (which finds the choices made in the first) is one graph more, and after that no call compiles again."""
+    """The layers' choices under max_cache_bytes are read inside the compiled graph: the first store (which makes
+    the choices) and the later ones (which find them) are two graphs, and no later generation compiles again."""
     from torch._dynamo.utils import counters
 
     schedule = Schedule("110100")
@@ -367,7 +367,7 @@ def test_compiled_unet_under_a_budget_does_not_recompile_per_generation(sd_pipe)
         handle.remove()
         sd_pipe.unet = unet
         torch._dynamo.reset()
-    assert graphs[0] <= 4 and graphs[1] == graphs[2] == graphs[3] <= graphs[0] + 1
+    assert graphs == [4, 4, 4, 4]  # compute, reuse, a store that chooses and a store that keeps the choices
 
 
 KERNEL_CHECK = textwrap.dedent("""
