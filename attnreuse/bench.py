@@ -19,6 +19,7 @@ from importlib import resources
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from .hooks import apply_attention_reuse, attention_layers
@@ -95,6 +96,26 @@ def _timed(fn, device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+class _Operators(TorchDispatchMode):
+    """Counts the aten operators a call runs in this thread, views (`_unsafe_view` too) left out: on a GPU about one
+    kernel launch each, which is what a call costs where launches bound it rather than the GPU (SD1.5 at batch 2 on
+    an H100 or H200, docs/BENCHMARKS.md). The CPU store's blocks run in worker threads, which the count misses."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view)
+        return func(*args, **(kwargs or {}))
+
+
+def _operators(fn) -> int:
+    with _Operators() as mode:
+        fn()
+    return mode.count
+
+
 def _options(variant: str) -> tuple[dict, str]:
     options = dict(VARIANTS[variant])
     kernels = options.pop("kernels", True)
@@ -166,25 +187,31 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -
     `*_x` figures. A plain call of the stock processors (no handle) opens each round (`sdpa`); round 0 is a
     warm-up. `first_store` is a handle's first store (new memory); `store` writes over kept memory (CPU maps), as
     every later store does. `runs_ms` keeps every timed call (per round: the stock call; each variant's seven).
+    The warm-up round of an eager UNet counts each call's operators instead of timing it (`_Operators`): `ops` of
+    the stock call and of each variant's plain, first store and reuse calls.
     `options` go to `apply_attention_reuse` (a budget); variants in `skip` do not run."""
     t = torch.tensor(500.0, device=device)
     call = lambda: unet(timestep=t, **inputs)  # noqa: E731
     usable = _usable(variants, device, skip)
     plain, runs, cache, failed = [], {v: [] for v in usable}, {}, dict(skip)
+    count = not hasattr(unet, "_orig_mod")  # a compiled UNet runs graphs that a dispatch mode would retrace
     with torch.no_grad():
         for round_ in tqdm(range(repeats + 1), desc="per call (round 0 is warm-up)", dynamic_ncols=True):
-            plain.append(_timed(call, device))
+            measure = _operators if round_ == 0 and count else lambda fn: _timed(fn, device)
+            plain.append(measure(call))
             for variant in usable:
                 if variant in failed:
                     continue
                 try:
                     with _apply(unet, Schedule(_PER_CALL), variant, **options) as handle:
-                        runs[variant].append([_timed(call, device) for _ in _PER_CALL])
+                        runs[variant].append([measure(call) for _ in _PER_CALL])
                         cache[variant] = handle.stats()["peak_cache_bytes"] / 2**20
                 except torch.OutOfMemoryError:
                     failed[variant] = "out of memory"
                     torch.cuda.empty_cache()
     result = {"sdpa": {"ms": statistics.median(plain[1:]), "x": 1.0, "runs_ms": plain[1:]}}
+    if count:
+        result["sdpa"]["ops"] = plain[0]
     for variant in variants:
         if variant not in usable or variant in failed:
             result[variant] = {"skipped": failed.get(variant, "no fp8 on this device")}
@@ -195,6 +222,8 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), **options) -
         for key, calls in (("first_store", [1]), ("store", [4]), ("reuse", [2, 5])):
             row[key + "_ms"] = float(np.median(ms[:, calls]))
             row[key + "_x"] = float(np.median(np.concatenate([ratio[i] for i in calls])))
+        if count:
+            row["ops"] = dict(zip(("plain", "first_store", "reuse"), runs[variant][0][:3]))
         result[variant] = dict(row, cache_mib=cache[variant], runs_ms=ms.tolist())  # per round, as `_PER_CALL`
     return result
 
@@ -448,18 +477,20 @@ def markdown(results: list[dict]) -> str:
                       f"{name} {row['ms']:.3f} ms ({row['x']:.2f}x)" for name, row in ao.items()
                       if isinstance(row, dict)), "",
                   "Per call; each ratio is the median over rounds of the call's time over the mean of the plain calls "
-                  "just before and after it in the same sequence:", "",
-                  "| mode | plain call | first store call | store call | reuse call | cache |",
-                  "|---|---|---|---|---|---|"]
+                  "just before and after it in the same sequence. Operators: aten operators other than views in one "
+                  "call (about one kernel launch each on a GPU), counted in the warm-up round:", "",
+                  "| mode | plain call | first store call | store call | reuse call | cache | operators: plain / store "
+                  "/ reuse |", "|---|---|---|---|---|---|---|"]
         pc = r["per_call"]
-        lines.append(f"| stock processors (sdpa) | {pc['sdpa']['ms']:.2f} ms | | | | |")
+        lines.append(f"| stock processors (sdpa) | {pc['sdpa']['ms']:.2f} ms | | | | | {pc['sdpa'].get('ops', '')} |")
         for name, row in pc.items():
             if "skipped" in row:
-                lines.append(f"| {name} | {row['skipped']} | | | | |")
+                lines.append(f"| {name} | {row['skipped']} | | | | | |")
             elif "store_ms" in row:
+                ops = " / ".join(str(n) for n in row["ops"].values()) if "ops" in row else ""
                 lines.append(f"| {name} | {row['plain_ms']:.2f} ms | " + " | ".join(
                     f"{row[k + '_ms']:.2f} ms ({row[k + '_x']:.2f}x)" for k in ("first_store", "store", "reuse"))
-                    + f" | {row['cache_mib']:.0f} MiB |")
+                    + f" | {row['cache_mib']:.0f} MiB | {ops} |")
         if "end_to_end" in r:
             lines += ["", f"End to end, {len(s['schedule'])}-step DDIM with CFG, schedule `{s['schedule']}`:", "",
                       "| mode | time | speed-up (medians) | speed-up (each run against the baselines around it) "

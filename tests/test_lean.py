@@ -434,6 +434,10 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
                for name, row in result["per_call"].items() if name != "sdpa")
     assert len(result["per_call"]["sdpa"]["runs_ms"]) == 1  # one timed round, every call kept
     assert all(np.shape(row["runs_ms"]) == (1, 7) for row in result["per_call"].values() if "store_ms" in row)
+    stock, ops = result["per_call"]["sdpa"]["ops"], {n: r["ops"] for n, r in result["per_call"].items() if n != "sdpa"}
+    assert all(o["plain"] == stock + 1 for o in ops.values())  # the handle reads the bare model's timestep, no more
+    assert all(o["reuse"] < stock for o in ops.values())  # a reuse call launches less in every mode
+    assert ops["output"]["reuse"] < ops["qk"]["reuse"] < ops["map"]["reuse"] == ops["map-torch"]["reuse"]
     assert 0 < result["attention_share"]["cross"] < 1 and 0 < result["attention_share"]["self"] < 1
     assert result["attention_only"]["shape"][2] == 16 * 16  # tiny-sd's largest self-attention: 16 x 16 latents
     e2e = result["end_to_end"]
