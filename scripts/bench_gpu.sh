@@ -3,19 +3,10 @@
 # and skip the pip line.
 # Issue 6 on the GPU: the fused-kernel test on CUDA, then `attnreuse bench` for SD1.5 (b=2, 8) and SDXL (b=2 with
 # end-to-end, b=8 per call), then a torch.compile run of SD1.5 b=2 with whatever time is left. Results to $OUT (7 files).
-# Dry run on CPU: DEVICE=cpu SD=tiny-sd XL=tiny-sdxl OUT=/tmp/x bash scripts/bench_gpu.sh
-T0=$(date +%s); DEADLINE=${DEADLINE:-540}
-DEVICE=${DEVICE:-cuda}; SD=${SD:-sd15}; XL=${XL:-sdxl}
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-if [ "$DEVICE" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-fi
-PY=${PY:-python3}
-$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a $OUT/gpu.txt
+# Dry run on CPU: DEVICE=cpu SD=tiny-sd XL=tiny-sdxl PY=.venv/bin/python OUT=/tmp/x bash scripts/bench_gpu.sh
+SD=${SD:-sd15}; XL=${XL:-sdxl}
+source scripts/gpu_env.sh
 timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_lean.py -k kernel 2>&1 | tail -4 | tee $OUT/kernel_test.txt
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 A="$PY -m attnreuse bench --device $DEVICE --out $OUT/bench"; X=${EXTRA:-}
 timeout $(( $(left) - 200 )) $A --arch $SD --batch 2,8 $X 2>&1 | grep -v "should be kept in float32" | tee $OUT/sd15.log
 echo "== $(( $(date +%s) - T0 )) s"

@@ -4,16 +4,8 @@
 # in 265 s). Map mode alone is 4 graphs (stock; the handle's compute, store and reuse calls). Then the eager SD1.5
 # b=2 run behind the bars, with more end-to-end rounds, if time is left. Results to $OUT (5 files).
 # Dry run on CPU: DEVICE=cpu SD=tiny-sd PY=.venv/bin/python OUT=/tmp/x bash scripts/bench_gpu_compile.sh
-T0=$(date +%s); DEADLINE=${DEADLINE:-540}
-DEVICE=${DEVICE:-cuda}; SD=${SD:-sd15}
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-if [ "$DEVICE" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-fi
-PY=${PY:-python3}
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+SD=${SD:-sd15}
+source scripts/gpu_env.sh
 A="$PY -m attnreuse bench --device $DEVICE --arch $SD --batch 2 --out $OUT/bench"
 timeout $(( $(left) - 120 )) $A --compile --modes map --e2e-modes none --repeats 3 2>&1 | grep -v "should be kept" | tee $OUT/compile.log
 echo "== $(( $(date +%s) - T0 )) s"
