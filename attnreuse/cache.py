@@ -107,9 +107,11 @@ class ReuseState:
         self.call += 1
         self.action = self.plan[self.call]
         version = getattr(context, "_version", -1)
-        if self.action == STORE:  # every layer stores anew: the old slots go first, so the cache never holds two
-            self.slots.clear()    # of a layer, and each store call starts from the same (empty) cache, which a
-            self._context = (context, version)  # compiled UNet would otherwise recompile for
+        if self.action == STORE:
+            # every layer stores anew: the old slots go first, so the cache never holds two of a layer, and every
+            # store call starts from the same (empty) cache, as a compiled UNet needs to keep one store graph
+            self.slots.clear()
+            self._context = (context, version)
         self.context_changed = self.action == REUSE and (context is not self._context[0]
                                                          or version != self._context[1])
         self._before = dict(self.slots)
