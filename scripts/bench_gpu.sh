@@ -14,5 +14,5 @@ timeout $(( $(left) - 110 )) $A --arch $XL --batch 2 --e2e-modes map,qk,output,a
 echo "== $(( $(date +%s) - T0 )) s"
 timeout $(( $(left) - 80 )) $A --arch $XL --batch 8 --modes map,map-fp8,qk,output,auto --repeats 3 --e2e-modes none $X 2>&1 | grep -v "should be kept" | tee -a $OUT/sdxl.log
 echo "== $(( $(date +%s) - T0 )) s"
-timeout $(( $(left) )) $A --arch $SD --batch 2 --compile --modes map,output --e2e-modes none --out $OUT/bench $X 2>&1 | grep -v "should be kept" | tail -20 | tee $OUT/compile.log
+timeout $(( $(left) )) $A --arch $SD --batch 2 --compile --modes map,output --e2e-modes none $X 2>&1 | grep -v "should be kept" | tail -20 | tee $OUT/compile.log
 echo "done $(( $(date +%s) - T0 )) s"
