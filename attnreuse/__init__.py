@@ -4,8 +4,13 @@ Implements Hunter, Dudziak et al., "Fast Sampling Through The Reuse Of Attention
 (arXiv 2401.01008) for diffusers pipelines and models.
 """
 
-from .hooks import (AttentionReuseConfig, AttentionReuseHandle, AttentionReuseHelper, apply_attention_reuse,
-                    attention_layers)
+from .reuse import (
+                    AttentionReuseConfig,
+                    AttentionReuseHandle,
+                    AttentionReuseHelper,
+                    apply_attention_reuse,
+                    attention_layers,
+)
 from .schedule import Schedule, as_schedule
 
 __version__ = "0.1.0"

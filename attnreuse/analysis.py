@@ -5,14 +5,13 @@ the next; small distances are why reuse works at all.
 `sensitivity` (Fig. 3, §2.2): how much a perturbation of the pre-softmax attention at one call changes the
 final image, with the fit d(s) = k1 exp(-k2 s); k2 > 0 (early errors grow) is why HURRY reuses late steps.
 
-Both swap every attention layer's processor for `_ProbeProcessor`, which computes the map explicitly as
-`ReuseAttnProcessor`'s store path does (same helpers, so the same conventions), and restore the original
+Both swap every attention layer's processor for `_ProbeProcessor`, which computes the map explicitly as a store
+call does (the same functions of `attention.math` and the same `Conventions`), and restore the original
 processors afterwards. A "step" s here is a denoiser call, counted from 1 (one per sampler step for DDIM).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from contextlib import contextmanager
@@ -20,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.models import attention_processor as ap
 
-from .hooks import attention_layers
-from .processors import (_DEFAULT_SCALE, SUPPORTED_PROCESSORS, _attention_map, _context, _enter, _exit, _heads,
-                         _project_out)
+from .attention import SUPPORTED_PROCESSORS, Conventions
+from .attention.math import attention_map, context, enter, flat, leave, merge
+from .eval.plots import pyplot, save_figure
+from .reuse import attention_layers
+from .utils import generate, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +64,28 @@ def fit_exponential(steps, distances) -> dict:
 
 
 class _ProbeProcessor:
-    """softmax(Q K^T * scale) V with the map made by `probe`; `ReuseAttnProcessor._store`'s math, no cache."""
+    """softmax(Q K^T * scale) V with the map made by `probe`: a store call's math, no cache."""
 
     def __init__(self, name: str, original, probe):
         if not isinstance(original, SUPPORTED_PROCESSORS):
             raise ValueError(f"Layer {name!r} uses {type(original).__name__}, which the analyses cannot reproduce; "
                              f"use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]}.")
-        self.name, self.probe = name, probe
-        self._scale_default = isinstance(original, _DEFAULT_SCALE)
-        self._qk_norm = isinstance(original, ap.AttnProcessor2_0)
+        self.name, self.probe, self.conventions = name, probe, Conventions(original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        hidden_states, residual, shape = _enter(attn, hidden_states, temb)
-        context = _context(attn, hidden_states, encoder_hidden_states)
+        hidden_states, residual, shape = enter(attn, hidden_states, temb)
+        text = context(attn, hidden_states, encoder_hidden_states)
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
-        query = _heads(attn, attn.to_q(hidden_states), attn.norm_q if self._qk_norm else None)
-        key = _heads(attn, attn.to_k(context), attn.norm_k if self._qk_norm else None)
-        value = _heads(attn, attn.to_v(context))
-        scale = query.shape[-1] ** -0.5 if self._scale_default else attn.scale
-        attn_map = self.probe(self.name, attn, query, key, attention_mask, scale)
-        return _exit(attn, _project_out(attn, torch.bmm(attn_map.to(value.dtype), value)), residual, shape)
+            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], hidden_states.shape[0])
+        query, key, value, scale = self.conventions.qkv(attn, hidden_states, text)
+        attn_map = self.probe(self.name, attn, flat(query), flat(key), attention_mask, scale)
+        out = torch.bmm(attn_map.to(value.dtype), flat(value)).view(value.shape[0], value.shape[1], -1,
+                                                                    value.shape[-1])
+        return leave(attn, merge(attn, out), residual, shape)
 
 
 class _Recorder:
-    """Computes maps with `_attention_map` and records each layer's distance to its map of the previous call.
+    """Computes maps with `attention_map` and records each layer's distance to its map of the previous call.
 
     Only the previous map of each layer is kept, so memory is one map per layer whatever the step count.
     """
@@ -97,7 +94,7 @@ class _Recorder:
         self.call, self.previous, self.per_layer = 0, {}, {}
 
     def __call__(self, name, attn, query, key, mask, scale):
-        attn_map = _attention_map(attn, query, key, mask, scale)
+        attn_map = attention_map(attn, query, key, mask, scale)
         previous = self.previous.get(name)
         if previous is not None:
             self.per_layer.setdefault(name, []).append(map_distance(attn_map, previous))
@@ -106,7 +103,7 @@ class _Recorder:
 
 
 class _Perturber:
-    """Maps as `_attention_map`, with Gaussian noise on the pre-softmax logits at call `step` only.
+    """Maps as `attention_map`, with Gaussian noise on the pre-softmax logits at call `step` only.
 
     The noise is noise * RMS(logits) * N(0, 1), RMS = ||logits||_F / sqrt(numel), taken before the mask is added
     (a -inf mask entry would make the norm infinite). One generator seeded from (noise_seed, step) serves all
@@ -118,7 +115,7 @@ class _Perturber:
 
     def __call__(self, name, attn, query, key, mask, scale):
         perturb = self._perturb if self.call == self.step else None
-        return _attention_map(attn, query, key, mask, scale, perturb=perturb)
+        return attention_map(attn, query, key, mask, scale, perturb=perturb)
 
     def _perturb(self, scores):
         return scores + self.noise * self._rms(scores) * self._randn(scores)
@@ -156,29 +153,13 @@ def _probed(pipe, probe):
 
 def _generate(pipe, prompts, seeds, num_inference_steps, guidance_scale) -> np.ndarray:
     """One batched call, image i from its own generator seeded with seeds[i]; images (B, H, W, 3) in [0, 1]."""
-    if len(prompts) != len(seeds) or not prompts:
-        raise ValueError(f"Need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds.")
-    device = pipe.unet.device
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
-    out = pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               generator=generators, output_type="np")
-    return np.asarray(out.images, dtype=np.float64)
+    return generate(pipe, list(prompts), list(seeds), num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale)
 
 
 def _settings(pipe, prompts, seeds, num_inference_steps, guidance_scale) -> dict:
     return {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "prompts": list(prompts),
             "seeds": [int(s) for s in seeds], "scheduler": type(pipe.scheduler).__name__}
-
-
-def _write_json(path: Path, result: dict) -> None:
-    """JSON without NaN (not valid JSON): non-finite floats are written as null."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-    path.write_text(json.dumps(clean(result), indent=1))
 
 
 def redundancy(pipe, prompts, seeds, num_inference_steps: int = 20, guidance_scale: float | None = None,
@@ -213,8 +194,8 @@ def redundancy(pipe, prompts, seeds, num_inference_steps: int = 20, guidance_sca
     result = {"steps": steps, "self": mean_over("self"), "cross": mean_over("cross"), "per_layer": per_layer,
               **_settings(pipe, prompts, seeds, num_inference_steps, guidance_scale)}
     if out is not None:
-        _write_json(_folder(out) / "redundancy.json", result)
-        _plot_redundancy(result, _folder(out) / "redundancy.png")
+        write_json(Path(out) / "redundancy.json", result)
+        _plot_redundancy(result, Path(out) / "redundancy.png")
     return result
 
 
@@ -253,8 +234,8 @@ def sensitivity(pipe, prompts, seeds, num_inference_steps: int = 20, guidance_sc
     result = {"steps": steps, "distance": distance, "fit": fit, "noise": noise, "noise_seed": noise_seed,
               **_settings(*args)}
     if out is not None:
-        _write_json(_folder(out) / "sensitivity.json", result)
-        _plot_sensitivity(result, _folder(out) / "sensitivity.png")
+        write_json(Path(out) / "sensitivity.json", result)
+        _plot_sensitivity(result, Path(out) / "sensitivity.png")
     return result
 
 
@@ -266,43 +247,27 @@ def _check_fit_steps(fit_steps, steps) -> list[int]:
     return fit_steps
 
 
-def _folder(out) -> Path:
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_plot(plt, fig, ax, path: Path) -> None:
+def _save_plot(fig, ax, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_redundancy(result: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, marker in (("self", "o"), ("cross", "s")):
         if result[kind]:
             ax.plot(result["steps"], result[kind], marker=marker, label=f"{kind}-attention")
     ax.set(xlabel="denoising step s", ylabel="mean TV distance of A(s) to A(s-1)",
            title=f"Attention map change per step ({result['scheduler']}, {result['num_inference_steps']} steps)")
-    _save_plot(plt, fig, ax, path)
+    _save_plot(fig, ax, path)
 
 
 def _plot_sensitivity(result: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fit = result["fit"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["steps"], result["distance"], "o", label="measured")
@@ -312,4 +277,4 @@ def _plot_sensitivity(result: dict, path: Path) -> None:
                 label=f"$k_1 e^{{-k_2 s}}$, k2={fit['k2']:.3f}, r={fit['correlation']:.3f}")
     ax.set(xlabel="perturbed denoising step s", ylabel="mean |image - unperturbed| (0-1)",
            title=f"Sensitivity to attention noise {result['noise']:g} ({result['num_inference_steps']} steps)")
-    _save_plot(plt, fig, ax, path)
+    _save_plot(fig, ax, path)

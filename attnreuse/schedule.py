@@ -7,10 +7,64 @@ entry s is 1 when call s computes its maps and 0 when it reuses the map of the l
 from __future__ import annotations
 
 import json
+import math
+import operator
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["Schedule", "as_schedule"]
+from .utils import atomic_write, read_json
+
+__all__ = ["Schedule", "as_schedule", "whole_number"]
+
+_JSON_KEYS = {"schedule", "timesteps", "meta"}
+
+
+def whole_number(value, name: str, minimum: int = 0) -> int:
+    """`value` as an int (Python or numpy integers, not bools or floats), at least `minimum`."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number, got {value!r}.")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a whole number, got {type(value).__name__} {value!r}.") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {number}.")
+    return number
+
+
+def _bits(bits) -> tuple[int, ...]:
+    """A schedule's entries, each 0 or 1, the first 1."""
+    if isinstance(bits, str):
+        bits = [int(c) if c in "01" else c for c in bits.strip()]
+    elif not isinstance(bits, Iterable):
+        raise TypeError(f"A schedule is a sequence of 0/1 or a bit string like '1101', got {type(bits).__name__}.")
+    bits = tuple(bits)
+    if not bits:
+        raise ValueError("A schedule needs at least one step; got an empty schedule.")
+    for i, b in enumerate(bits):
+        if isinstance(b, bool) or not hasattr(b, "__index__") or operator.index(b) not in (0, 1):
+            raise ValueError(f"Schedule entries must be 1 (compute) or 0 (reuse); entry {i} is {b!r}.")
+    if bits[0] != 1:
+        raise ValueError("The first step of a schedule must compute (1): there is no attention map to reuse before it.")
+    return tuple(operator.index(b) for b in bits)
+
+
+def _timesteps(timesteps, count: int) -> tuple[float, ...] | None:
+    """One finite timestep per step, or None."""
+    if timesteps is None:
+        return None
+    if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Iterable):
+        raise TypeError(f"A schedule's timesteps are a sequence of numbers, got {type(timesteps).__name__}.")
+    values = []
+    for i, t in enumerate(timesteps):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) and not hasattr(t, "__float__"):
+            raise TypeError(f"Timestep {i} of the schedule is not a number: {t!r}.")
+        if not math.isfinite(float(t)):
+            raise ValueError(f"Timestep {i} of the schedule is not finite: {t!r}.")
+        values.append(float(t))
+    if len(values) != count:
+        raise ValueError(f"A schedule of {count} steps needs {count} timesteps, got {len(values)}.")
+    return tuple(values)
 
 
 class Schedule:
@@ -34,65 +88,64 @@ class Schedule:
             timesteps = bits.timesteps if timesteps is None else timesteps
             meta = bits.meta if meta is None else meta
             bits = bits.bits
-        if isinstance(bits, str):
-            bits = [int(c) if c in "01" else c for c in bits]
-        bits = tuple(bits)
-        if not bits:
-            raise ValueError("A schedule needs at least one step; got an empty schedule.")
-        bad = [(i, b) for i, b in enumerate(bits) if isinstance(b, bool) or b not in (0, 1)]
-        if bad:
-            i, b = bad[0]
-            raise ValueError(f"Schedule entries must be 1 (compute) or 0 (reuse); entry {i} is {b!r}.")
-        if bits[0] != 1:
-            raise ValueError(
-                "The first step of a schedule must compute (1): there is no attention map to reuse before it."
-            )
-        self.bits: tuple[int, ...] = tuple(int(b) for b in bits)
-        if timesteps is not None:
-            timesteps = tuple(float(t) for t in timesteps)
-            if len(timesteps) != len(self.bits):
-                raise ValueError(
-                    f"A schedule of {len(self.bits)} steps needs {len(self.bits)} timesteps, got {len(timesteps)}."
-                )
-        self.timesteps: tuple[float, ...] | None = timesteps
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"A schedule's meta is a dict, got {type(meta).__name__}.")
+        self.bits: tuple[int, ...] = _bits(bits)
+        self.timesteps: tuple[float, ...] | None = _timesteps(timesteps, len(self.bits))
         self.meta: dict = dict(meta or {})
 
-    # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def hurry(cls, num_steps: int, reuse_steps: int) -> Schedule:
         """HURRY (paper sec. 2.1): compute the first N - r steps, reuse the last r."""
-        if not 0 <= reuse_steps < num_steps:
-            raise ValueError(
-                f"HURRY needs 0 <= reuse_steps < num_steps (the first step must compute); "
-                f"got num_steps={num_steps}, reuse_steps={reuse_steps}."
-            )
-        return cls([1] * (num_steps - reuse_steps) + [0] * reuse_steps, meta={"strategy": "hurry"})
+        n, r = whole_number(num_steps, "num_steps", 1), whole_number(reuse_steps, "reuse_steps", 0)
+        if r >= n:
+            raise ValueError(f"HURRY needs 0 <= reuse_steps < num_steps (the first step must compute); got "
+                             f"num_steps={n}, reuse_steps={r}.")
+        return cls([1] * (n - r) + [0] * r, meta={"strategy": "hurry"})
 
     @classmethod
     def all_compute(cls, num_steps: int) -> Schedule:
         """No reuse at all: every step computes (the reference)."""
-        return cls([1] * num_steps)
+        return cls([1] * whole_number(num_steps, "num_steps", 1))
 
     @classmethod
     def from_json(cls, data: str | dict | Path) -> Schedule:
-        """Read a schedule from a JSON string, a dict, or a path to a JSON file."""
+        """Read a schedule from a JSON string, a dict, or a path to a JSON file; errors name the file and field."""
+        where = "schedule JSON"
         if isinstance(data, Path) or (isinstance(data, str) and not data.lstrip().startswith(("{", "["))):
-            data = Path(data).read_text()
-        if isinstance(data, str):
-            data = json.loads(data)
+            where, data = f"schedule file {data}", read_json(data, "schedule file")
+        elif isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where} is not valid JSON: {err}") from None
+        try:
+            return cls._from_data(data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+
+    @classmethod
+    def _from_data(cls, data) -> Schedule:
         if isinstance(data, list):
             return cls(data)
         if not isinstance(data, dict) or "schedule" not in data:
-            raise ValueError("A schedule JSON must be a list of 0/1 or an object with a 'schedule' key.")
+            raise ValueError("a schedule JSON is a list of 0/1 or an object with a 'schedule' field.")
+        unknown = sorted(set(data) - _JSON_KEYS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; a schedule has {sorted(_JSON_KEYS)}.")
+        for field, kind in (("schedule", (list, str)), ("timesteps", (list, type(None))), ("meta", (dict, type(None)))):
+            if not isinstance(data.get(field), kind):
+                raise TypeError(f"field '{field}' must be {' or '.join(k.__name__ for k in kind)}, got "
+                                f"{type(data.get(field)).__name__}.")
         return cls(data["schedule"], data.get("timesteps"), data.get("meta"))
 
-    # -- views ----------------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None, indent: int | None = None) -> str:
-        """The schedule as JSON (``{"schedule": [...], "timesteps": [...], "meta": {...}}``); written to `path` if given."""
+        """The schedule as JSON (``{"schedule": [...], "timesteps": [...], "meta": {...}}``); written to `path`
+        (atomically) if given."""
         text = json.dumps({"schedule": list(self.bits), "timesteps": self.timesteps and list(self.timesteps),
                            "meta": self.meta}, indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
         return text
 
     def __len__(self) -> int:
@@ -115,13 +168,16 @@ class Schedule:
         return hash(self.bits)
 
     def __repr__(self) -> str:
-        return f"Schedule('{''.join(map(str, self.bits))}')"
+        return f"Schedule('{self}')"
+
+    def __str__(self) -> str:
+        """The bits, e.g. ``110010``."""
+        return "".join(map(str, self.bits))
 
     @property
     def num_reuse(self) -> int:
         return len(self.bits) - sum(self.bits)
 
-    # -- moving a schedule between samplers ----------------------------------------------------------
     def at_timesteps(self, timesteps: Iterable[float]) -> Schedule:
         """The same schedule, recording the timesteps (0-1000) its steps run at."""
         return Schedule(self.bits, [float(t) for t in timesteps], self.meta)
@@ -130,10 +186,8 @@ class Schedule:
         """Resolve this schedule on another list of timesteps: each new step takes the entry of the nearest
         recorded timestep. This is how the paper moves a schedule between DDIM and DPM-Solver++ (sec. 3.1)."""
         if self.timesteps is None:
-            raise ValueError(
-                f"{self!r} has no timesteps, so it cannot be moved to other timesteps; "
-                "record them first with schedule.at_timesteps(scheduler.timesteps)."
-            )
+            raise ValueError(f"{self!r} has no timesteps, so it cannot be moved to other timesteps; record them "
+                             "first with schedule.at_timesteps(scheduler.timesteps).")
         timesteps = [float(t) for t in timesteps]
         bits = [self.bits[min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))] for t in timesteps]
         if bits and bits[0] != 1:
@@ -165,6 +219,18 @@ class Schedule:
         )
 
 
+def _hurry(value: str, num_steps: int | None) -> Schedule:
+    parts = value.split(":")[1:]
+    forms = "'hurry:NUM_STEPS:REUSE_STEPS'" + (" or 'hurry:REUSE_STEPS'" if num_steps is not None else "")
+    if len(parts) == 1 and num_steps is not None:
+        parts = [str(num_steps), *parts]
+    try:
+        n, r = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"Expected {forms}, got {value!r}.") from None
+    return Schedule.hurry(n, r)
+
+
 def as_schedule(value, num_steps: int | None = None) -> Schedule:
     """Accept a `Schedule`, a list of 0/1, a bit string like ``"110010"``, ``"hurry:N:R"``, ``"hurry:R"`` (with
     `num_steps`) or a JSON file path."""
@@ -172,18 +238,11 @@ def as_schedule(value, num_steps: int | None = None) -> Schedule:
         return value
     if isinstance(value, str):
         if value.startswith("hurry:"):
-            parts = value.split(":")[1:]
-            if len(parts) == 1 and num_steps is not None:
-                parts = [str(num_steps), *parts]
-            try:
-                n, r = (int(p) for p in parts)
-            except ValueError:
-                raise ValueError(f"Expected 'hurry:NUM_STEPS:REUSE_STEPS' or 'hurry:REUSE_STEPS', got {value!r}.") \
-                    from None
-            return Schedule.hurry(n, r)
+            return _hurry(value, num_steps)
         if value.endswith(".json"):
             return Schedule.from_json(Path(value))
         return Schedule(value)
     if isinstance(value, (list, tuple)):
         return Schedule(value)
-    raise TypeError(f"Cannot make a schedule from {type(value).__name__}; pass a Schedule, a list of 0/1 or a string.")
+    raise TypeError(f"Cannot make a schedule from {type(value).__name__}; pass a Schedule, a list of 0/1, a bit "
+                    "string, 'hurry:N:R' or the path of a schedule JSON.")

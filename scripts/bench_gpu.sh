@@ -1,12 +1,12 @@
 #!/bin/bash
 # Where diffusers is not installed (the project's GPU image), carry its wheels in .whl/; elsewhere install attnreuse
 # and skip the pip line.
-# Issue 6 on the GPU: the fused-kernel test on CUDA, then `attnreuse bench` for SD1.5 (b=2, 8) and SDXL (b=2 with
-# end-to-end, b=8 per call), then a torch.compile run of SD1.5 b=2 with whatever time is left. Results to $OUT (7 files).
+# The GPU benchmarks of docs/BENCHMARKS.md: the kernel test on CUDA, then `attnreuse bench` for SD1.5 (b=2, 8) and
+# SDXL (b=2 with end-to-end, b=8 per call), then a torch.compile run of SD1.5 b=2 with whatever time is left.
 # Dry run on CPU: DEVICE=cpu SD=tiny-sd XL=tiny-sdxl PY=.venv/bin/python OUT=/tmp/x bash scripts/bench_gpu.sh
 SD=${SD:-sd15}; XL=${XL:-sdxl}
 source scripts/gpu_env.sh
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_lean.py -k kernel 2>&1 | tail -4 | tee $OUT/kernel_test.txt
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/attention/test_kernels.py 2>&1 | tail -4 | tee $OUT/kernel_test.txt
 A="$PY -m attnreuse bench --device $DEVICE --out $OUT/bench"; X=${EXTRA:-}
 timeout $(( $(left) - 200 )) $A --arch $SD --batch 2,8 $X 2>&1 | grep -v "should be kept in float32" | tee $OUT/sd15.log
 echo "== $(( $(date +%s) - T0 )) s"

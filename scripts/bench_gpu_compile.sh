@@ -1,8 +1,7 @@
 #!/bin/bash
-# The GPU check still missing after runs 1-3 (docs/BENCHMARKS.md): torch.compile on CUDA, first, since an SD1.5 UNet
-# takes over 30 s per graph to compile there (run 3's compiled round 0, stock + map + output modes as 8 graphs, did
-# not end in 265 s). Map mode alone is 4 graphs (stock; the handle's compute, store and reuse calls). Then the eager SD1.5
-# b=2 run behind the bars, with more end-to-end rounds, if time is left. Results to $OUT (5 files).
+# torch.compile on CUDA first, since compiling an SD1.5 UNet takes over 30 s per graph there (docs/BENCHMARKS.md,
+# "Compiled"): map mode alone is 4 graphs (stock; the handle's compute, store and reuse calls). Then the eager SD1.5
+# b=2 run with more end-to-end rounds, if time is left.
 # Dry run on CPU: DEVICE=cpu SD=tiny-sd PY=.venv/bin/python OUT=/tmp/x bash scripts/bench_gpu_compile.sh
 SD=${SD:-sd15}
 source scripts/gpu_env.sh

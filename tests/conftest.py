@@ -1,14 +1,22 @@
+"""Fixtures: tiny random-weight pipelines built here, and the shipped default model. Nothing touches the network."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-import numpy as np
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from attnreuse.local import build_pipeline
+from attnreuse.testing import build_pipeline  # noqa: E402
 
-STEPS = 6
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -20,38 +28,3 @@ def sd_pipe():
 @pytest.fixture
 def sdxl_pipe():
     return build_pipeline("tiny-sdxl", seed=0)
-
-
-def run(pipe, prompt="a red circle left of a blue square", steps=STEPS, seed=0, **kwargs):
-    """Generate with a fixed seed and return the images as a float array."""
-    kwargs.setdefault("output_type", "np")
-    out = pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
-    return np.asarray(out.images)
-
-
-def attention_modules(pipe, kind=None):
-    """(name, module) of the UNet's attention layers; kind 'self' (attn1) or 'cross' (attn2) or None for both."""
-    from diffusers.models.attention_processor import Attention
-
-    return [(name, m) for name, m in pipe.unet.named_modules() if isinstance(m, Attention)
-            and (kind is None or (kind == "cross") == bool(m.is_cross_attention))]
-
-
-class CallCounter:
-    """Counts calls of chosen submodules with forward hooks."""
-
-    def __init__(self, modules):
-        self.counts = {name: 0 for name, _ in modules}
-        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            self.counts[name] += 1
-        return hook
-
-    def values(self):
-        return set(self.counts.values())
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from attnreuse.analysis import (_generate, _Perturber, _probed, _Recorder, fit_exponential, map_distance,
-                                redundancy, sensitivity)
-from attnreuse.hooks import attention_layers
-from attnreuse.local import build_pipeline
+from attnreuse import attention_layers
+from attnreuse.analysis import (
+    _generate,
+    _Perturber,
+    _probed,
+    _Recorder,
+    fit_exponential,
+    map_distance,
+    redundancy,
+    sensitivity,
+)
+from attnreuse.testing import build_pipeline
 
 N = 4
 PROMPTS = ["a red circle", "a blue square on the left"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from helpers import STEPS, CallCounter, attention_modules, run
 
 from attnreuse import Schedule, apply_attention_reuse, attention_layers
-from attnreuse.sampling import use_sampler
-from conftest import STEPS, CallCounter, attention_modules, run
+from attnreuse.utils import use_sampler
 
 
 def test_wrong_length_is_refused_before_any_sampling(sd_pipe):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from helpers import STEPS, CallCounter, attention_modules, run
 
 from attnreuse import AttentionReuseConfig, AttentionReuseHelper, Schedule, apply_attention_reuse
-from attnreuse.sampling import use_sampler
-from conftest import STEPS, CallCounter, attention_modules, run
+from attnreuse.utils import use_sampler
 
 
 @pytest.mark.parametrize("arch", ["sd", "sdxl"])

@@ -18,8 +18,9 @@ def test_hurry_is_compute_then_reuse():
     assert Schedule.hurry(6, 2) == Schedule("111100")
     assert Schedule.hurry(20, 10).bits == (1,) * 10 + (0,) * 10
     assert Schedule.hurry(5, 0) == Schedule.all_compute(5)
-    for n, r in [(5, 5), (5, -1), (0, 0)]:
-        with pytest.raises(ValueError, match="HURRY"):
+    for n, r, message in [(5, 5, "HURRY needs 0 <= reuse_steps < num_steps"), (5, -1, "reuse_steps must be at least 0"),
+                          (0, 0, "num_steps must be at least 1")]:
+        with pytest.raises(ValueError, match=message):
             Schedule.hurry(n, r)
 
 
@@ -48,7 +49,7 @@ def test_json_round_trip(tmp_path):
     assert Schedule.from_json(str(path)).meta["strategy"] == "phast"
     assert as_schedule(str(path)) == s
     assert Schedule.from_json("[1, 0, 0]") == Schedule("100")
-    with pytest.raises(ValueError, match="'schedule' key"):
+    with pytest.raises(ValueError, match="'schedule' field"):
         Schedule.from_json('{"bits": [1]}')
 
 

@@ -1,0 +1,89 @@
+"""`attnreuse bench`: per-call and end-to-end cost of each reuse mode, or (`--quality`) its fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench import PAPER_PHAST_DDIM20, bench, markdown, quality
+from ..default_model.splits import EVALUATION
+from ..utils import atomic_write, read_json, write_json
+from .common import default_device, load_model, prompts
+
+__all__ = ["register", "run_bench"]
+
+
+def register(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="per-call and end-to-end cost of each reuse mode on the SD1.5 / SDXL UNet architectures",
+        description="Random-weight UNets from the published configs (attnreuse/bench/configs): milliseconds of "
+                    "plain, store and reuse calls per mode and a 20-step DDIM loop with the paper's PHAST schedule, "
+                    "each as a ratio to the no-reuse baseline measured in the same run. fp16 on CUDA, fp32 on CPU.")
+    b.add_argument("--arch", default="sd15", help="comma list of sd15, sdxl")
+    b.add_argument("--batch", default="2", help="comma list of UNet batch sizes (2 = one image with CFG)")
+    b.add_argument("--modes", default="map,map-torch,map-fp8,qk,output,auto",
+                   help="comma list of: map (Triton kernels where they run), map-torch (plain torch), map-fp16, "
+                        "map-bf16 (the fast 16-bit map on CPUs with AMX), map-fp8, qk, output, auto; 'none' for the "
+                        "plain call only")
+    b.add_argument("--schedule", default=None, help="end-to-end schedule (default: the paper's PHAST, r=10)")
+    b.add_argument("--repeats", type=int, help="timed calls per kind (default: 20 on CUDA, where one call is "
+                                               "launch-bound and jittery, 3 on CPU)")
+    b.add_argument("--e2e-repeats", type=int, default=3, help="timed end-to-end runs per mode")
+    b.add_argument("--e2e-modes", help="modes of the end-to-end runs (default: --modes; 'none' for none)")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet first")
+    b.add_argument("--size", type=int, help="image size in pixels (default: 512 for sd15, 1024 for sdxl)")
+    b.add_argument("--max-cache", type=float, metavar="GIB",
+                   help="memory budget of the cache in GiB (max_cache_bytes); layers that do not fit fall back")
+    b.add_argument("--device", default=default_device())
+    b.add_argument("--dtype", help="float16, bfloat16 or float32 (default: float16 on CUDA, float32 on CPU)")
+    b.add_argument("--quality", action="store_true",
+                   help="instead of timing: PSNR of each mode against no reuse on the default model (or --model)")
+    b.add_argument("--model", help="with --quality: a diffusers model path or hub id (default: the default model)")
+    b.add_argument("--prompts", help="with --quality and --model: file with one prompt per line")
+    b.add_argument("--count", type=int, default=16, help="with --quality: held-out captions (one seed each)")
+    b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (appended)")
+    b.set_defaults(func=run_bench)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    """A comma list of bench modes; "none" for no mode."""
+    return () if text == "none" else tuple(text.split(","))
+
+
+def _quality(args, out: Path) -> int:
+    from ..default_model import DEFAULT_GUIDANCE
+
+    pipe = load_model(args.model, args.device)
+    guidance = DEFAULT_GUIDANCE if args.model is None else 7.5
+    modes = [m for m in _modes(args.modes) if m != "map-torch"]  # the same map as "map"
+    result = quality(pipe, args.schedule or PAPER_PHAST_DDIM20, prompts(args, args.count, EVALUATION), modes,
+                     guidance)
+    rows = [f"| {m} | {r['psnr_vs_full_db']:.2f} dB | {r['psnr_vs_map_db']:.2f} dB | {r['cache_mib']:.1f} MiB |"
+            for m, r in result["modes"].items()]
+    text = "\n".join([f"Schedule `{result['schedule']}`, {result['count']} held-out captions, guidance "
+                      f"{result['guidance']}:", "", "| mode | PSNR vs no reuse | PSNR vs map mode | cache |",
+                      "|---|---|---|---|", *rows, ""])
+    print(text)
+    write_json(out / "quality.json", result)
+    atomic_write(out / "quality.md", lambda tmp: tmp.write_text(text))
+    return 0
+
+
+def run_bench(args) -> int:
+    """`bench` for each architecture and batch: markdown tables printed, appended to OUT/bench.json."""
+    out = Path(args.out)
+    if args.quality:
+        return _quality(args, out)
+    path = out / "bench.json"
+    results = read_json(path, "bench results") if path.exists() else []
+    for arch in args.arch.split(","):
+        for batch in (int(x) for x in args.batch.split(",")):
+            e2e = None if args.e2e_modes is None else _modes(args.e2e_modes)
+            repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
+            result = bench(arch, batch, args.device, args.dtype, _modes(args.modes), repeats, args.e2e_repeats,
+                           args.schedule or PAPER_PHAST_DDIM20, args.compile, e2e, args.size,
+                           None if args.max_cache is None else int(args.max_cache * 2**30))
+            print(markdown([result]), flush=True)
+            results.append(result)
+            write_json(path, results)
+            atomic_write(out / "bench.md", lambda tmp: tmp.write_text(markdown(results)))
+    return 0

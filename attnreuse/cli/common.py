@@ -1,0 +1,58 @@
+"""What the commands share: the model options, loading the pipeline they name, and their prompts."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..default_model import DEFAULT_GUIDANCE, load_default_pipeline
+from ..default_model.splits import captions
+from ..testing import ARCHS, build_pipeline
+from ..utils import SAMPLERS, load_pipeline, use_sampler
+
+__all__ = ["default_device", "add_model_options", "load_model", "pipeline", "prompts"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every model-running command shares."""
+    parser.add_argument("--model", help="diffusers model path or hub id, or a local architecture with random weights "
+                                        f"({', '.join(ARCHS)}) (default: the shipped default model)")
+    parser.add_argument("--prompts", help="file with one prompt per line (default: captions of the shapes grammar)")
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 7.5 elsewhere)")
+    parser.add_argument("--device", default=default_device())
+    return parser
+
+
+def load_model(model: str | None, device: str, dtype: torch.dtype = torch.float32):
+    """The shipped default model (None), a local architecture with random weights, or a diffusers path / hub id."""
+    if model is None:
+        return load_default_pipeline(device=device)
+    if model in ARCHS:
+        return build_pipeline(model, dtype=dtype, device=device)
+    return load_pipeline(model, device, dtype)
+
+
+def pipeline(args):
+    """The pipeline of `--model` with `--sampler`, and the guidance scale: `--guidance`, else the default model's
+    documented scale, else 7.5."""
+    pipe = use_sampler(load_model(args.model, args.device), args.sampler)
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE if args.model is None else 7.5
+    return pipe, guidance
+
+
+def prompts(args, count: int, seed: int, skip: int = 0) -> list[str]:
+    """`--prompts FILE` (one per line, from line `skip` on), else `count` captions of the shapes grammar from the
+    default model's split of `seed` (half with two shapes); image i gets seed i."""
+    if args.prompts:
+        with open(args.prompts) as f:
+            return [line.strip() for line in f if line.strip()][skip:skip + count]
+    if args.model is None:
+        return captions(count, seed)
+    raise ValueError("A model other than the default one needs --prompts FILE (one prompt per line).")

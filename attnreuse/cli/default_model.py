@@ -1,0 +1,63 @@
+"""`attnreuse train-default` (reproduce the shipped model from its seed) and `attnreuse evaluate-default` (its
+card's measurements)."""
+
+from __future__ import annotations
+
+import json
+
+from .common import default_device
+
+__all__ = ["register", "run_train", "run_evaluate"]
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train-default", help="train the default model from a seed (resumable)",
+                           description="Reproduce the shipped default model: VAE, then UNet and text encoder. "
+                                       "Run the same command again to resume after an interruption.")
+    train.add_argument("--out", default="runs/default", help="work folder (checkpoints/, model/)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--unet-steps", type=int, default=3000)
+    train.add_argument("--vae-batch", type=int, default=16)
+    train.add_argument("--unet-batch", type=int, default=32)
+    train.add_argument("--unet-lr", type=float, default=5e-4)
+    train.add_argument("--unet-minutes", type=float, help="train the UNet for as many steps (at most --unet-steps) "
+                                                          "as fit this time; the count is recorded in training.json")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    train.add_argument("--device", default=default_device())
+    train.set_defaults(func=run_train)
+
+    ev = sub.add_parser("evaluate-default", help="measure the default model for its card",
+                        description="VAE PSNR on held-out images, faithfulness on held-out one- and two-shape "
+                                    "captions (20-step DDIM), the time of `generate`; writes JSON and a PNG grid.")
+    ev.add_argument("--model", help="model folder (default: the shipped one)")
+    ev.add_argument("--count", type=int, default=100, help="held-out captions of each kind (one, two shapes)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float)
+    ev.add_argument("--out", default="runs/evaluate-default", help="folder for metrics.json and grid.png")
+    ev.add_argument("--card", action="store_true", help="also write the model card (README.md) into the model")
+    ev.add_argument("--sweep", help="comma-separated guidance scales to compare on the validation split first")
+    ev.add_argument("--device", default=default_device())
+    ev.set_defaults(func=run_evaluate)
+
+
+def run_train(args) -> int:
+    from ..default_model.train import train_default
+
+    budget = None if args.unet_minutes is None else 60 * args.unet_minutes
+    path = train_default(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
+                         device=args.device, checkpoint_every=args.checkpoint_every, unet_budget_s=budget)
+    print(f"trained model written to {path}; evaluate it with `attnreuse evaluate-default --model {path}`")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from ..default_model.evaluate import evaluate_default
+
+    sweep = [float(g) for g in args.sweep.split(",")] if args.sweep else ()
+    metrics = evaluate_default(args.model, count=args.count, steps=args.steps, guidance=args.guidance,
+                               device=args.device, out=args.out, card=args.card, sweep=sweep)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("passed", "prompts")}
+                      if isinstance(v, dict) else v for k, v in metrics.items()}, indent=1))
+    return 0

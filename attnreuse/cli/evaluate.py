@@ -1,0 +1,71 @@
+"""`attnreuse eval`: every method on the same prompts and seeds against the full sampler, at measured latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..default_model.splits import CALIBRATION, EVALUATION
+from ..eval.metrics import load_extra_metrics
+from ..eval.report import write_report
+from ..eval.runner import PRESETS, merge_runs, run_methods, summarize
+from ..utils import GenerationSetup
+from .common import add_model_options, pipeline, prompts
+
+__all__ = ["register", "run_eval"]
+
+
+def register(sub) -> None:
+    ev = add_model_options(sub.add_parser(
+        "eval", help="compare reuse with step reduction and the peers at measured latency",
+        description="Run each method on the same prompts and seeds as the full N-step sampler and report latency, "
+                    "peak memory, PSNR, SSIM (and, on the default model, the faithfulness checker; opt-in: CLIP "
+                    "score, LPIPS, FID), matched-latency pairs, a Pareto plot and a grid."))
+    ev.add_argument("--methods", default="quick", help="comma list of presets (quick, paper) and methods: full, "
+                    "steps:K, hurry:R, phast:R, FILE.json, bit strings, deepcache:I, tgate:S, tome:R, pab:K, "
+                    "taylorseer:I, fbc:T, fastercache")
+    ev.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
+    ev.add_argument("--calibration", type=int, default=4,
+                    help="prompts phast:R searches on (captions of the calibration split, or the prompt file's lines "
+                         "after the first --count; never the evaluated ones); the schedule is cached in "
+                         "$ATTNREUSE_CACHE/schedules (default ~/.cache/attnreuse/schedules)")
+    ev.add_argument("--clip-model", help="CLIP score against the prompts with this local transformers CLIP folder")
+    ev.add_argument("--lpips", action="store_true", help="LPIPS against the full images (AlexNet weights must be "
+                                                         "in the torch hub cache)")
+    ev.add_argument("--fid", action="store_true", help="FID against the full images (InceptionV3 weights must be "
+                                                       "in the torch hub cache)")
+    ev.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up round")
+    ev.add_argument("--out", default="runs/eval")
+    ev.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    """Every method on the same prompts and seeds against `full`; JSON, markdown, Pareto plot and grid. Started
+    by `accelerate launch` (or torchrun), the prompts are split between the processes and merged into one report."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    extra = load_extra_metrics(args.clip_model, args.lpips, args.fid)  # a missing weights file stops it here
+    state = PartialState(cpu=args.device == "cpu")
+    if state.num_processes > 1 and args.device != "cpu":
+        args.device = str(state.device)
+    pipe, guidance = pipeline(args)
+    evaluated = prompts(args, args.count, seed=EVALUATION)
+    setup = GenerationSetup(pipe, evaluated, None, args.steps, guidance)
+    methods = [m for item in args.methods.split(",") for m in PRESETS.get(item, item).split(",")]
+    # phast:R searches on the calibration split (or the prompt file's lines after the evaluated ones), less any
+    # prompt evaluated here
+    calibration = [p for p in prompts(args, args.calibration, seed=CALIBRATION, skip=args.count) if p not in evaluated]
+    with state.split_between_processes(list(range(len(evaluated)))) as mine:
+        shard = run_methods(setup.subset(mine), methods, args.repeats, state.is_main_process, calibration)
+    shards = gather_object([shard]) if state.num_processes > 1 else [shard]
+    if not state.is_main_process:
+        return 0
+    result = summarize(*merge_runs(shards), evaluated, args.model is None and args.prompts is None, extra)
+    settings = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "num_steps": args.steps,
+                "guidance_scale": guidance, "repeats": args.repeats, "methods": methods, "seeds": setup.seeds,
+                "processes": state.num_processes, "calibration_prompts": calibration,
+                "extra_metrics": {"clip_model": args.clip_model, "lpips": args.lpips, "fid": args.fid}}
+    write_report(result, args.out, settings, pipe, evaluated)
+    print((Path(args.out) / "eval.md").read_text())
+    print(f"-> {args.out}/eval.json, eval.md, pareto.png, grid.png")
+    return 0

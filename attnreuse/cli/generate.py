@@ -1,0 +1,140 @@
+"""`attnreuse generate` (one prompt with and without reuse) and `attnreuse speed` (timing them side by side)."""
+
+from __future__ import annotations
+
+import time
+from statistics import median
+
+import torch
+from tqdm.auto import tqdm
+
+from ..reuse import apply_attention_reuse
+from ..schedule import Schedule, as_schedule
+from ..utils import SAMPLERS, device_name, generators, psnr, timed, to_uint8, use_sampler, write_json
+from .common import default_device, load_model, pipeline
+
+__all__ = ["register", "run_generate", "run_speed"]
+
+_PROMPT = "a red circle left of a blue square"
+
+
+def register(sub) -> None:
+    gen = sub.add_parser("generate", help="generate one image with and without reuse (default model by default)",
+                         description="Generate PROMPT with and without attention reuse and print both times. "
+                                     "Without --model it runs the shipped default model (captioned shapes).")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="a diffusers model path or hub id, or a local architecture (default: the "
+                                     "shipped default model)")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--schedule", help="hurry:R (reuse the last R steps; default R = steps/2), hurry:N:R, "
+                                        "a bit string, or a schedule JSON file")
+    gen.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 7.5 elsewhere)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
+    gen.add_argument("-o", "--output", default="out.png", help="the reuse image; the no-reuse one goes beside "
+                                                              "it as NAME.full.png")
+    gen.add_argument("--device", default=default_device())
+    gen.set_defaults(func=run_generate)
+
+    speed = sub.add_parser(
+        "speed", help="time generation with and without attention reuse, side by side",
+        description="Time one prompt with and without reuse in one process (interleaved, after a warm-up round) "
+                    "and report the speed-up and the PSNR of the reuse image against the no-reuse image.")
+    speed.add_argument("--model", default="small-sd", help="local architecture with random weights or a diffusers "
+                                                           "path / hub id (default: small-sd)")
+    speed.add_argument("--prompt", default=_PROMPT)
+    speed.add_argument("--steps", type=int, default=20)
+    speed.add_argument("--reuse", type=int, default=10, help="HURRY reuse steps (ignored with --schedule)")
+    speed.add_argument("--schedule", help="bit string like 1110100, hurry:N:R, or a schedule JSON file")
+    speed.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    speed.add_argument("--guidance", type=float, default=7.5)
+    speed.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--device", default=default_device())
+    speed.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    speed.add_argument("--json", help="also write the figures to this JSON file")
+    speed.add_argument("--quiet", action="store_true", help="no progress bar")
+    speed.set_defaults(func=run_speed)
+
+
+def run_generate(args) -> int:
+    """One prompt with and without reuse on the default model (or any diffusers model); times both."""
+    from PIL import Image
+
+    schedule = as_schedule(args.schedule or f"hurry:{args.steps // 2}", num_steps=args.steps)  # fail fast
+    pipe, guidance = pipeline(args)
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np")
+    if args.size:
+        kwargs.update(height=args.size, width=args.size)
+
+    def run():
+        return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images[0]
+
+    full, full_s = timed(run, args.device)
+    with apply_attention_reuse(pipe, schedule):
+        image, reuse_s = timed(run, args.device)
+    full_path = args.output.rsplit(".", 1)[0] + ".full.png"
+    Image.fromarray(to_uint8(image)).save(args.output)
+    Image.fromarray(to_uint8(full)).save(full_path)
+    print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}")
+    print(f"  no reuse {full_s:.3f} s -> {full_path}")
+    print(f"  reuse    {reuse_s:.3f} s -> {args.output}   schedule {schedule} ({schedule.num_reuse} reuse), "
+          f"{full_s / reuse_s:.2f}x, PSNR vs no reuse {psnr(image, full):.1f} dB")
+    if args.model is None:
+        _check_faithfulness(image, args.prompt)
+    print(f"  total {time.perf_counter() - args.started:.1f} s (imports, loading and both generations)")
+    return 0
+
+
+def _check_faithfulness(image, prompt: str) -> None:
+    from ..default_model.faithfulness import check
+
+    try:
+        verdict = {k: v for k, v in check(image, prompt).items() if k != "objects"}
+    except ValueError:
+        return  # a prompt outside the shapes grammar: nothing to check
+    print(f"  faithfulness check of the reuse image: {verdict}")
+
+
+def run_speed(args) -> int:
+    """Generate with and without reuse, interleaved in one process, and print medians, ratio and PSNR."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = use_sampler(load_model(args.model, args.device, dtype), args.sampler)
+    schedule = as_schedule(args.schedule) if args.schedule else Schedule.hurry(args.steps, args.reuse)
+    size = args.size or getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
+                  output_type="np")
+
+    def generate():
+        return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images
+
+    apply_attention_reuse(pipe, schedule).remove()  # validate the schedule against the model before timing
+    times, images, peak = {"full": [], "reuse": []}, {}, 0
+    for i in tqdm(range(args.repeats + 1), desc="speed (first round is warm-up)", disable=args.quiet):
+        for mode in ("full", "reuse"):
+            handle = apply_attention_reuse(pipe, schedule) if mode == "reuse" else None
+            images[mode], seconds = timed(generate, args.device)
+            if handle is not None:
+                peak = handle.stats()["peak_cache_bytes"]
+                handle.remove()
+            if i > 0:
+                times[mode].append(seconds)
+    full, reuse = median(times["full"]), median(times["reuse"])
+    result = {"model": args.model, "device": device_name(args.device), "dtype": args.dtype, "sampler": args.sampler,
+              "steps": args.steps, "schedule": str(schedule), "size": size, "guidance": args.guidance,
+              "repeats": args.repeats, "full_s": full, "reuse_s": reuse, "speedup": full / reuse,
+              "psnr_db": psnr(images["reuse"], images["full"]), "peak_cache_mib": peak / 2**20,
+              "full_times_s": times["full"], "reuse_times_s": times["reuse"]}
+    print(f"{result['device']}, {args.model}, {args.sampler} {args.steps} steps, {size}x{size}, {args.dtype}")
+    print(f"schedule {schedule} ({schedule.num_reuse} reuse steps), median of {args.repeats} interleaved runs:")
+    print(f"  no reuse   {full:8.3f} s")
+    print(f"  reuse      {reuse:8.3f} s   speed-up {result['speedup']:.2f}x   "
+          f"PSNR vs no reuse {result['psnr_db']:.1f} dB   peak map cache {result['peak_cache_mib']:.1f} MiB")
+    if args.json:
+        write_json(args.json, result, indent=2)
+    return 0
+
+
+

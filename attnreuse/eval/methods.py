@@ -1,0 +1,255 @@
+"""Methods to compare, each a context manager that patches a pipeline and undoes it on exit.
+
+`method(setup, spec, calibration)` yields a `Run`: called with a `GenerationSetup` (prompts, seeds) it returns the
+images (N, H, W, 3) float in [0, 1]; its `info` says what a reuse method ran. Specs: `full`, `steps:K` (step
+reduction), `hurry:R`, `phast:R` (searched on calibration prompts and cached, `search.cached_phast`), a schedule
+JSON or bit string (attention reuse), and the peers (`pip install "attnreuse[peers]"`): `deepcache:I` (DeepCache,
+interval I), `tgate:S` (T-GATE, gate step S), `tome:R` (ToMe for SD, ratio R), `pab:K` (diffusers' pyramid
+attention broadcast every K steps inside its default timestep window), `taylorseer:I` (diffusers' TaylorSeer,
+attention outputs computed every I steps and extrapolated between), `fbc:T` and `fastercache` (diffusers'
+first-block cache and FasterCache, built for transformer denoisers). A peer that cannot run raises
+`PeerUnavailable` with the reason, so a report can say why it is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..reuse import apply_attention_reuse
+from ..schedule import as_schedule
+from ..search import cached_phast
+from ..utils import GenerationSetup, generators
+
+__all__ = ["method", "Run", "PeerUnavailable", "family", "METHODS", "PEERS"]
+
+
+class PeerUnavailable(RuntimeError):
+    """A method that cannot run here (package missing, model not supported): the report keeps the reason."""
+
+
+@dataclass
+class Run:
+    """A method's generation: `run(setup)` gives the images of `setup`'s prompts and seeds."""
+
+    generate: Callable[[GenerationSetup], np.ndarray]
+    info: dict = field(default_factory=dict)
+
+    def __call__(self, setup: GenerationSetup) -> np.ndarray:
+        return self.generate(setup)
+
+
+METHODS: dict[str, Callable] = {}  # spec name -> context manager (setup, argument, calibration) yielding a Run
+PEERS = ("deepcache", "tgate", "tome", "pab", "taylorseer", "fbc", "fastercache")
+
+
+def _register(*names):
+    def wrap(fn):
+        manager = contextmanager(fn)
+        for name in names:
+            METHODS[name] = manager
+        return manager
+    return wrap
+
+
+def family(spec: str) -> str:
+    """The curve a spec belongs to in the Pareto plot: `full`, `steps`, `reuse` or the peer's name."""
+    name = spec.split(":")[0]
+    return name if name in ("full", "steps", *PEERS) else "reuse"
+
+
+def _import(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise PeerUnavailable(f"{package} is not installed (pip install 'attnreuse[peers]'): {err}") from None
+
+
+@contextmanager
+def method(setup: GenerationSetup, spec: str, calibration: list[str] | None = None):
+    """Patch `setup.pipe` for `spec` and yield its `Run`; the pipeline is restored on exit. `calibration`: the
+    prompts `phast:R` searches on (image i with seed i), which must not be the evaluated ones."""
+    name, _, arg = spec.partition(":")
+    manager = METHODS[name](setup, arg, calibration) if name in METHODS else _reuse(setup, spec, calibration)
+    with manager as run:
+        yield run
+
+
+@_register("full")
+def _full(setup, arg, calibration):
+    yield Run(lambda s: s.generate())
+
+
+@_register("steps")
+def _steps(setup, arg, calibration):
+    yield Run(lambda s: s.generate(num_inference_steps=int(arg)))
+
+
+@contextmanager
+def _reuse(setup, spec, calibration):
+    """Attention reuse with a schedule: `hurry:R`, `phast:R`, a bit string or a schedule file."""
+    name, _, arg = spec.partition(":")
+    info = {}
+    if name == "phast":
+        if not calibration:
+            raise ValueError("phast:R searches its schedule on calibration prompts that are not the evaluated "
+                             "ones; none were given (attnreuse eval: with --prompts FILE, the lines after the "
+                             "first --count are the calibration prompts)")
+        calibrated = GenerationSetup(setup.pipe, calibration, None, setup.num_steps, setup.guidance)
+        spec = info["schedule_file"] = str(cached_phast(calibrated, int(arg), progress=True))
+    schedule = as_schedule(f"hurry:{setup.num_steps}:{arg}" if name == "hurry" else spec)
+    with apply_attention_reuse(setup.pipe, schedule):
+        yield Run(lambda s: s.generate(), dict(info, schedule=str(schedule)))
+
+
+METHODS.update(hurry=lambda setup, arg, calibration: _reuse(setup, f"hurry:{arg}", calibration),
+               phast=lambda setup, arg, calibration: _reuse(setup, f"phast:{arg}", calibration))
+
+
+@_register("deepcache")
+def _deepcache(setup, arg, calibration):
+    helper = _import("DeepCache", "DeepCache").DeepCacheSDHelper(pipe=setup.pipe)
+    helper.set_params(cache_interval=int(arg or 3), cache_branch_id=0)
+    helper.enable()
+    try:
+        yield Run(lambda s: s.generate())
+    finally:
+        helper.disable()
+
+
+@_register("tgate")
+def _tgate(setup, arg, calibration):
+    loader, pipe = _import("tgate", "tgate").TgateSDLoader, setup.pipe
+
+    def generate(s):
+        images = pipe.tgate(s.prompts, generator=generators(s.seeds, s.device), gate_step=int(arg or 10),
+                            num_inference_steps=s.num_steps, guidance_scale=s.guidance, output_type="np").images
+        return np.asarray(images, dtype=np.float32)
+
+    with _instance_attributes_kept(pipe.unet):
+        loader(pipe)
+        try:
+            yield Run(generate)
+        finally:
+            del pipe.tgate
+
+
+@_register("tome")
+def _tome(setup, arg, calibration):
+    tomesd = _import("tomesd", "tomesd")
+    tomesd.apply_patch(setup.pipe, ratio=float(arg or 0.5))
+    try:
+        yield Run(lambda s: s.generate())
+    finally:
+        tomesd.remove_patch(setup.pipe)
+
+
+@contextmanager
+def _instance_attributes_kept(unet):
+    """On exit, `forward` and `cache` of every submodule as they were on entry. T-GATE replaces the attention
+    modules' forward (and keeps a cache) on the instances; diffusers' hooks, once removed, leave the instance's
+    `forward` set to the bound class method, which T-GATE must not take for a patch of its own to keep."""
+    before = {module: {k: vars(module)[k] for k in ("forward", "cache") if k in vars(module)}
+              for module in unet.modules()}
+    try:
+        yield
+    finally:
+        for module, kept in before.items():
+            for key in ("forward", "cache"):
+                vars(module).pop(key, None)
+            vars(module).update(kept)
+
+
+@_register("pab")
+def _pab(setup, arg, calibration):
+    """diffusers' pyramid attention broadcast on the UNet's self-attention; SD pipelines do not publish the
+    current timestep, so a hook on the UNet records it for PAB's callback."""
+    from diffusers.hooks import HookRegistry, PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    unet, current = setup.pipe.unet, {"t": 1000}
+
+    def record(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        current["t"] = int(t.reshape(-1)[0]) if hasattr(t, "reshape") else int(t)
+
+    hook = unet.register_forward_pre_hook(record, with_kwargs=True)
+    config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(arg or 2),
+                                             current_timestep_callback=lambda: current["t"])
+    try:
+        apply_pyramid_attention_broadcast(unet, config)
+    except Exception as err:  # noqa: BLE001 - the reason goes into the report
+        hook.remove()
+        raise PeerUnavailable(f"pyramid attention broadcast does not attach to {type(unet).__name__}: {err}") from None
+    try:
+        yield Run(lambda s: s.generate())
+    finally:
+        hook.remove()
+        HookRegistry.check_if_exists_or_initialize(unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)
+
+
+_DIFFUSERS_HOOKS = ("fbc_leader_block_hook", "fbc_block_hook", "faster_cache_denoiser", "faster_cache_block",
+                    "taylorseer_cache")
+
+
+def _apply_diffusers_cache(unet, name: str, arg: str) -> None:
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        TaylorSeerCacheConfig,
+        apply_faster_cache,
+        apply_first_block_cache,
+        apply_taylorseer_cache,
+    )
+
+    if name == "fbc":
+        apply_first_block_cache(unet, FirstBlockCacheConfig(threshold=float(arg or 0.05)))
+    elif name == "fastercache":
+        apply_faster_cache(unet, FasterCacheConfig(current_timestep_callback=lambda: 500,
+                                                   attention_weight_callback=lambda _: 0.5))
+    else:  # TaylorSeer's default identifiers name a transformer's top-level blocks; a UNet nests them
+        apply_taylorseer_cache(unet, TaylorSeerCacheConfig(
+            cache_interval=int(arg or 5), cache_identifiers=[r".*transformer_blocks\.\d+\.attn\d*"]))
+
+
+def _diffusers_cache(name: str):
+    """diffusers' FirstBlockCache, FasterCache or TaylorSeer hooks on the UNet, removed on exit even when they fail.
+    Before each generation it does what diffusers' transformer pipelines do around their denoiser and the SD
+    pipeline does not: reset the hooks' state and set the cache context (one, as the SD pipeline runs both CFG
+    halves in one batch)."""
+    @contextmanager
+    def manager(setup, arg, calibration):
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        unet = setup.pipe.unet
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+
+        def generate(s):
+            registry.reset_stateful_hooks(recurse=True)
+            _set_cache_context(unet, CacheContext("denoiser"))
+            return s.generate()
+
+        try:
+            try:
+                _apply_diffusers_cache(unet, name, arg)
+                registry.invalidate_child_registries_cache()  # the context goes to the hooks found in that list
+                if not any(set(_DIFFUSERS_HOOKS) & set(child.hooks)
+                           for child in (registry, *registry._get_child_registries())):
+                    raise LookupError("no module of the denoiser matched its identifiers")
+                yield Run(generate)
+            finally:
+                for hook in _DIFFUSERS_HOOKS:
+                    registry.remove_hook(hook, recurse=True)
+                registry.invalidate_child_registries_cache()
+        except Exception as err:  # noqa: BLE001 - fbc and fastercache target transformer denoisers: say so
+            raise PeerUnavailable(f"diffusers' {name} does not run on {type(unet).__name__}: "
+                                  f"{type(err).__name__}: {err}") from None
+    return manager
+
+
+METHODS.update({name: _diffusers_cache(name) for name in ("fbc", "fastercache", "taylorseer")})

@@ -1,0 +1,64 @@
+"""Figures of an evaluation: matplotlib without a screen, the Pareto plot, the labelled image grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..utils import atomic_write, image_grid
+
+__all__ = ["pyplot", "save_figure", "pareto_plot", "method_grid"]
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Save and close a figure, atomically."""
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".")))
+    pyplot().close(fig)
+
+
+def pareto_plot(rows: list[dict], path, title: str, lines: tuple[str, ...] = ()) -> None:
+    """PSNR against latency relative to full, one curve per family; families in `lines` drawn as a frontier."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {}
+    for r in rows:
+        if "error" not in r and r["family"] != "full":
+            families.setdefault(r["family"], []).append(r)
+    for name, members in families.items():
+        members = sorted(members, key=lambda r: r["latency_ratio"])
+        style = "o-" if name in lines or len(members) > 1 else "o"
+        ax.plot([r["latency_ratio"] for r in members], [r["psnr_db"] for r in members], style, label=name,
+                linewidth=2.5 if name in lines else 1)
+        for r in members:
+            label = Path(r["method"]).stem if r["method"].endswith(".json") else r["method"].split(":")[-1]
+            ax.annotate(label, (r["latency_ratio"], r["psnr_db"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="latency relative to full (lower is faster)", ylabel="PSNR vs full (dB)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def method_grid(result: dict, path, columns: int = 6) -> list[str]:
+    """A grid with one row per method (its first `columns` images), each row labelled with the method, its
+    latency and PSNR; returns the labels, top to bottom."""
+    rows = {r["method"]: r for r in result["rows"] if "error" not in r}
+    shown = [s for s, images in result["images"].items() if images is not None and s in rows]
+    labels = [s if s == "full" else f"{s}  {rows[s]['latency_ratio']:.2f}x  {rows[s]['psnr_db']:.1f} dB"
+              for s in shown]
+    tiles = np.concatenate([result["images"][s][:columns] for s in shown])
+    grid = image_grid(tiles, columns=min(columns, len(result["images"]["full"])), labels=labels)
+    atomic_write(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
+    return labels

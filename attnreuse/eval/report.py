@@ -1,0 +1,64 @@
+"""An evaluation's report: `eval.json` (every figure, the settings, the environment), `eval.md` (the table and the
+matched-latency pairs), `pareto.png` and the labelled `grid.png`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..utils import atomic_write, write_json
+from .plots import method_grid, pareto_plot
+from .runner import MATCH_TOLERANCE, environment
+
+__all__ = ["write_report", "EXTRA_COLUMNS"]
+
+EXTRA_COLUMNS = {"clip_score": "CLIP score", "lpips": "LPIPS", "fid": "FID"}  # opt-in, see metrics.load_extra_metrics
+
+
+def _table(rows: list[dict], extras: list[str]) -> list[str]:
+    header = "| method | latency vs full | latency / image (s) | peak memory (MiB) | PSNR (dB) | SSIM | faithfulness |"
+    lines = [header + "".join(f" {EXTRA_COLUMNS[m]} |" for m in extras),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extras)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | not run: {r['error'][:120]} | | | | | |" + " |" * len(extras))
+            continue
+        faith = f"{100 * r['faithfulness']:.0f}%" if "faithfulness" in r else ""
+        lines.append(f"| {r['method']} | {r['latency_ratio']:.2f}x | {r['latency_s']:.3f} | "
+                     f"{r['peak_memory_mib']:.0f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {faith} |"
+                     + "".join(f" {r[m]:.4g} |" for m in extras))
+    return lines
+
+
+def _matched(pairs: list[dict]) -> list[str]:
+    if not pairs:
+        return []
+    lines = ["", f"Matched latency (nearest step-reduced baseline by measured latency; 'no' where the latencies "
+             f"differ by more than {MATCH_TOLERANCE:.2f} of full):", "",
+             "| method | latency | baseline | its latency | matched | PSNR | baseline PSNR | gain (dB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {m['method']} | {m['latency_ratio']:.2f}x | {m['baseline']} | "
+                    f"{m['baseline_latency_ratio']:.2f}x | {'yes' if m['matched'] else 'no'} | {m['psnr_db']:.2f} | "
+                    f"{m['baseline_psnr_db']:.2f} | {m['psnr_gain_db']:+.2f} |" for m in pairs]
+
+
+def write_report(result: dict, out, settings: dict, pipe, prompts: list[str], columns: int = 6) -> dict:
+    """Write the report's four files into `out`; returns what `eval.json` holds."""
+    out = Path(out)
+    report = {"settings": settings, "environment": environment(pipe), "prompts": prompts,
+              "rows": result["rows"], "matched": result["matched"]}
+    write_json(out / "eval.json", report)
+    extras = [m for m in EXTRA_COLUMNS if any(m in r for r in result["rows"])]
+    lines = [f"{settings['sampler']} {settings['num_steps']} steps, guidance {settings['guidance_scale']}, "
+             f"{len(prompts)} prompts x seeds, {report['environment']['device']}", "", *_table(result["rows"], extras)]
+    searched = [r for r in result["rows"] if "schedule_file" in r]
+    if searched:
+        lines += ["", "Searched schedules (1 = compute; calibration prompts never evaluated here): "
+                  + "; ".join(f"{r['method']} `{r['schedule']}` ({r['schedule_file']})" for r in searched)]
+    lines += _matched(result["matched"])
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "eval.md", lambda tmp: tmp.write_text(text))
+    pareto_plot(result["rows"], out / "pareto.png",
+                f"{settings['sampler']} {settings['num_steps']} steps: fidelity against latency")
+    labels = method_grid(result, out / "grid.png", columns)
+    atomic_write(out / "grid.txt", lambda tmp: tmp.write_text("rows, top to bottom: " + ", ".join(labels) + "\n"))
+    return report

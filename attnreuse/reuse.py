@@ -1,0 +1,389 @@
+"""`apply_attention_reuse`: attach a reuse schedule to a diffusers pipeline or model, and take it off again.
+
+Shaped like diffusers' cache hooks (`apply_pyramid_attention_broadcast`): a frozen config dataclass, one
+`apply_*` function, and a small stateful handle with `reset`. Processors are swapped with diffusers'
+own `set_attn_processor` on the instance; nothing else in the model is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .attention import SUPPORTED_PROCESSORS, ReuseAttnProcessor, check_kernels
+from .attention.cpu_store import CoreThreads
+from .cache import AUTO, MAP, MODES, LayerCache, slot_bytes
+from .schedule import Schedule, as_schedule
+from .state import StepTracker, call_actions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper", "apply_attention_reuse",
+           "attention_layers"]
+
+_ATTENTION_KINDS = ("all", "self", "cross")
+_HANDLE_ATTR = "_attnreuse_handle"
+_END_OF_CALL = "maybe_free_model_hooks"  # every diffusers pipeline calls it once, at the end of __call__
+
+
+@dataclass(frozen=True)
+class AttentionReuseConfig:
+    """What to reuse, and when.
+
+    Args:
+        schedule (`Schedule`, list of 0/1, or str): 1 = compute, 0 = reuse, one entry per denoiser call, or per
+            sampler step for samplers that call the model twice a step (expanded, see `Schedule.expand`).
+            Strings: ``"110010"``, ``"hurry:N:R"``, or a path to a JSON file.
+        layers (`tuple[str]`, *optional*, defaults to all): layer names or glob patterns, e.g.
+            ``"up_blocks.3.*"`` or ``"mid_block.attentions.0.transformer_blocks.0.attn1"``. Each must match.
+        attention (`str`, *optional*, defaults to ``"all"``): ``"all"``, ``"self"`` or ``"cross"`` layers.
+        mode (`str`, *optional*, defaults to ``"map"``): what a self-attention layer keeps for its reuse calls.
+            ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding, recomputed by flash
+            attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style
+            broadcast, not the paper's method). ``"auto"``: the map where it is small, else Q and K.
+            Cross-attention is an exact output cache in every mode.
+
+    Args to tinker with:
+        cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
+            (``torch.float16`` halves the cache; ``torch.float8_e4m3fn`` halves it again, stored scaled so that
+            small probabilities survive). On a CPU with AMX, ``torch.bfloat16`` also makes reuse calls faster.
+            With a 16-bit map in another dtype than the model's, a store call's output is the kept map times V,
+            as a reuse computes it.
+        max_cache_bytes (`int`, *optional*): the cache, with the map memory kept for the next store, never holds
+            more. A layer whose choice would not fit beside the layers before it keeps something smaller (map ->
+            Q and K) or nothing (it then computes at reuse calls), chosen at its first store from shapes alone.
+        kernels (`bool`, *optional*, defaults to `True`): use the Triton store and reuse kernels where they pass
+            their check on this GPU; `False` runs plain torch (to measure one against the other).
+    """
+
+    schedule: Schedule
+    layers: tuple[str, ...] | None = None
+    attention: str = "all"
+    cache_dtype: torch.dtype | None = None
+    mode: str = MAP
+    max_cache_bytes: int | None = None
+    kernels: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", (self.layers,))
+        elif self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.attention not in _ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}.")
+        if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
+                                                 and self.cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {self.cache_dtype!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.max_cache_bytes is not None and not (isinstance(self.max_cache_bytes, int)
+                                                     and self.max_cache_bytes >= 0):
+            raise ValueError(f"max_cache_bytes must be a non-negative int, got {self.max_cache_bytes!r}.")
+
+
+def _find_model(target):
+    """The denoiser of a pipeline (`unet`, later `transformer`) or the model itself, and a scheduler getter."""
+    if isinstance(target, torch.nn.Module):
+        return target, (lambda: None)
+    for attr in ("unet", "transformer"):
+        model = getattr(target, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return model, (lambda: getattr(target, "scheduler", None))  # looked up per call: users swap schedulers
+    raise TypeError(
+        f"apply_attention_reuse needs a diffusers pipeline with a `unet` or `transformer`, or a model; "
+        f"got {type(target).__name__}."
+    )
+
+
+def attention_layers(target) -> dict[str, str]:
+    """Names of the attention layers of a pipeline or model, each with ``"self"`` or ``"cross"``."""
+    model, _ = _find_model(target)
+    processors = getattr(model, "attn_processors", None)
+    if not processors:
+        raise ValueError(f"{type(model).__name__} has no diffusers attention layers, so there is nothing to reuse.")
+    names = [key.removesuffix(".processor") for key in processors]
+    return {n: "cross" if getattr(model.get_submodule(n), "is_cross_attention", False) else "self" for n in names}
+
+
+def _matching(names: list[str], patterns, model, attention: str) -> list[str]:
+    """The names that the layer filter's patterns match; each pattern must match one."""
+    chosen = set()
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")]
+        if not hits:
+            examples = ", ".join(repr(n) for n in names[:3])
+            raise ValueError(
+                f"Layer filter {pattern!r} matches no {attention} attention layer of {type(model).__name__}. "
+                f"Layer names look like {examples} (see attnreuse.attention_layers)."
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def _check_processor(model, name: str) -> None:
+    attn = model.get_submodule(name)
+    if getattr(attn, "fused_projections", False):
+        raise ValueError(f"Layer {name!r} has fused QKV projections; call unfuse_qkv_projections() first.")
+    if not isinstance(attn.processor, SUPPORTED_PROCESSORS):
+        raise ValueError(
+            f"Layer {name!r} uses {type(attn.processor).__name__}, whose math attnreuse cannot reproduce at store and "
+            f"reuse calls. Use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]} "
+            "(e.g. model.set_attn_processor(AttnProcessor2_0())) or leave the layer out with layers=..."
+        )
+
+
+def _select(model, config: AttentionReuseConfig) -> tuple[list[str], dict[str, str]]:
+    """The layers to patch, and every layer's kind ("self"/"cross")."""
+    kinds = attention_layers(model)
+    names = [n for n, kind in kinds.items() if config.attention in ("all", kind)]
+    if config.layers is not None:
+        names = _matching(names, config.layers, model, config.attention)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no {config.attention}-attention layers to reuse.")
+    for name in names:
+        _check_processor(model, name)
+    return names, kinds
+
+
+class AttentionReuseHandle:
+    """What `apply_attention_reuse` returns: `remove()`, `reset()`, `stats()`, `generation()`; a context manager.
+
+    It holds the step tracker and the layer cache of one patched model, and is what the step hooks call.
+    """
+
+    def __init__(self, model, config: AttentionReuseConfig, tracker: StepTracker, cache: LayerCache):
+        self.model, self.config, self.tracker, self.cache = model, config, tracker, cache
+        self.threads = CoreThreads()
+        self._originals: dict = {}
+        self._hooks: list = []
+        self._pipeline = None
+
+    @property
+    def layers(self) -> list[str]:
+        """The names of the layers that follow the schedule."""
+        return list(self.cache.layers)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, _HANDLE_ATTR, None) is self
+
+    def reset(self) -> None:
+        """Clear the cache, the position in the schedule and the counts (the next call starts a generation)."""
+        self.tracker.reset()
+        self.cache.reset()
+
+    def remove(self) -> None:
+        """Give every patched layer back the processor it had, and remove the step-tracking hooks."""
+        if not self.active:
+            return
+        processors = {key: self._originals.get(key.removesuffix(".processor"), proc)
+                      for key, proc in self.model.attn_processors.items()}
+        self.model.set_attn_processor(processors)
+        for hook in self._hooks:
+            hook.remove()
+        if self._pipeline is not None:
+            self._pipeline.__dict__.pop(_END_OF_CALL, None)
+        self.reset()
+        self.threads.shutdown()
+        delattr(self.model, _HANDLE_ATTR)
+
+    def stats(self) -> dict:
+        """Counts per layer since apply or the last reset, and the bytes held in the cache now and at peak."""
+        cache, kinds = self.cache, attention_layers(self.model)
+        return {
+            "generations": self.tracker.generations,
+            "calls_in_generation": self.tracker.call + 1,
+            "cache_bytes": cache.nbytes,
+            "peak_cache_bytes": cache.peak_bytes,
+            "kept_buffer_bytes": cache.memory.nbytes,
+            "layers": {
+                name: {"attention": kinds[name], **vars(cache.counts[name]),
+                       "cache": cache.slots[name].kind if name in cache.slots else None,
+                       "cache_bytes": slot_bytes(cache.slots[name]) if name in cache.slots else 0}
+                for name in cache.layers
+            },
+        }
+
+    @contextmanager
+    def generation(self, bits=None, resume=None):
+        """An explicit generation: it starts at the first call inside the block, with `bits` (else the schedule),
+        and ends on leaving the block, also when it raises. `resume`: a `snapshot()` to continue from (its calls so
+        far must agree with `bits`)."""
+        bits = Schedule(bits if bits is not None else self.config.schedule).bits
+        if resume is None:
+            self.tracker.start(bits, explicit=True)
+            self.cache.free()
+        else:
+            self.tracker.restore(resume[0], call_actions(bits))
+            self.cache.restore(resume[1])
+        try:
+            yield self
+        finally:
+            self.end_generation()
+
+    def snapshot(self) -> tuple:
+        """Where the generation stands (actions, call index, slots by reference), to resume with `generation`."""
+        return self.tracker.snapshot(), self.cache.snapshot()
+
+    def before_call(self, timestep, context) -> None:
+        """The step hook before every denoiser call (outside any compiled region)."""
+        if self.tracker.before_call(timestep):
+            self.cache.free()
+        self.cache.begin_call(self.tracker.action, context)
+
+    def after_call(self) -> None:
+        """The step hook after every denoiser call: counts, and the cache freed after a generation's last call."""
+        self.cache.end_call(self.tracker.action)
+        if self.tracker.last_call:
+            self.cache.free()
+
+    def end_generation(self) -> None:
+        """The pipeline call is over (it may have stopped early: `denoising_end`, an interrupt): free the cache."""
+        self.cache.free()
+        self.tracker.end()
+
+    def __enter__(self) -> AttentionReuseHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"AttentionReuseHandle({self.config.schedule!r}, layers={len(self.cache.layers)}, active={self.active})"
+
+
+def _install_processors(model, handle: AttentionReuseHandle, kinds: dict[str, str]) -> dict:
+    """Our processor on each selected layer; returns the processors they had (restored by `remove`)."""
+    config, current = handle.config, model.attn_processors
+    originals = {name: current[name + ".processor"] for name in handle.cache.layers}
+    patched = {key: ReuseAttnProcessor(name, proc, handle.tracker, handle.cache, config.mode,
+                                       kinds[name] == "cross", config.cache_dtype, config.kernels, handle.threads)
+               if (name := key.removesuffix(".processor")) in originals else proc for key, proc in current.items()}
+    model.set_attn_processor(patched)
+    parameter = next(model.parameters(), None)
+    if config.mode in (MAP, AUTO) and config.kernels and parameter is not None and parameter.is_cuda:
+        check_kernels(parameter.device, parameter.dtype,
+                      [model.get_submodule(n).inner_dim // model.get_submodule(n).heads for n in originals],
+                      config.cache_dtype)
+    return originals
+
+
+def _install_step_hooks(model, handle: AttentionReuseHandle) -> list:
+    """Hooks before and after every denoiser call, run outside any compiled graph."""
+    forward = getattr(model, "_orig_mod", model).forward  # a compiled model's hooks see the inner signature
+    params = list(inspect.signature(forward).parameters)
+
+    def argument(args, kwargs, name):
+        if name in kwargs:
+            return kwargs[name]
+        index = params.index(name) if name in params else None
+        return args[index] if index is not None and len(args) > index else None
+
+    @torch.compiler.disable
+    def before(module, args, kwargs):
+        handle.before_call(argument(args, kwargs, "timestep"), argument(args, kwargs, "encoder_hidden_states"))
+
+    @torch.compiler.disable
+    def after(module, args, output):
+        handle.after_call()
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+
+
+def _wrap_pipeline_end(target, handle: AttentionReuseHandle):
+    """On a pipeline, the generation also ends where the pipeline call ends; returns the pipeline, or None."""
+    end_of_call = None if isinstance(target, torch.nn.Module) else getattr(target, _END_OF_CALL, None)
+    if not callable(end_of_call):
+        return None
+
+    def free_then_end_of_call(*args, **kwargs):  # a generation that stopped early frees its cache too
+        handle.end_generation()
+        return end_of_call(*args, **kwargs)
+
+    setattr(target, _END_OF_CALL, free_then_end_of_call)  # on the instance only, undone by remove()
+    return target
+
+
+def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> AttentionReuseHandle:
+    """Reuse attention maps across denoising steps (Hunter, Dudziak et al. 2024, arXiv 2401.01008).
+
+    At a compute step each selected attention layer computes A = softmax(Q K^T * scale); at a reuse step it
+    skips Q, K and the softmax and applies the A of its last compute step to the current V.
+
+    Args:
+        target: a diffusers pipeline (its `unet` or `transformer` is patched; its scheduler tells where a
+            generation starts and how many model calls it makes) or a model such as `UNet2DConditionModel`.
+        schedule: a `Schedule`, list of 0/1, string (see `AttentionReuseConfig`), or an `AttentionReuseConfig`.
+        scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the
+            schedule counts model calls and a timestep going back up starts a new generation.
+        **options: `layers`, `attention`, `mode`, `cache_dtype`, `max_cache_bytes`, `kernels`, as in
+            `AttentionReuseConfig`.
+
+    With `torch.compile`, apply first and compile after (``pipe.unet = torch.compile(pipe.unet)``), or compile
+    first and apply to the compiled module: the step hooks run outside the compiled graph either way, and each
+    kind of call (compute, store, reuse) compiles once.
+
+    Returns:
+        `AttentionReuseHandle`: `remove()` restores the model, `reset()` clears the cache, `stats()` reports.
+
+    >>> handle = apply_attention_reuse(pipe, Schedule.hurry(20, 10))
+    >>> image = pipe("a red circle", num_inference_steps=20).images[0]
+    >>> handle.remove()
+    """
+    if isinstance(schedule, AttentionReuseConfig):
+        if options:
+            raise TypeError(f"Pass options in the AttentionReuseConfig, not both: {sorted(options)}.")
+        config = schedule
+    else:
+        config = AttentionReuseConfig(schedule, **options)
+    model, get_scheduler = _find_model(target)
+    if scheduler is not None:
+        get_scheduler = lambda: scheduler  # noqa: E731
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError("Attention reuse is already applied to this model; call handle.remove() first.")
+    names, kinds = _select(model, config)
+    handle = AttentionReuseHandle(model, config, StepTracker(config.schedule, get_scheduler),
+                                  LayerCache(tuple(names), config.max_cache_bytes))
+    handle._originals = _install_processors(model, handle, kinds)
+    handle._hooks = _install_step_hooks(model, handle)
+    handle._pipeline = _wrap_pipeline_end(target, handle)
+    setattr(model, _HANDLE_ATTR, handle)
+    logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
+    return handle
+
+
+class AttentionReuseHelper:
+    """DeepCache-style helper over `apply_attention_reuse`: ``set_params``, ``enable``, ``disable``.
+
+    >>> helper = AttentionReuseHelper(pipe)
+    >>> helper.set_params(schedule="hurry:20:10")
+    >>> helper.enable(); image = pipe(prompt, num_inference_steps=20).images[0]; helper.disable()
+    """
+
+    def __init__(self, pipe):
+        self.pipe, self.params, self.handle = pipe, None, None
+
+    def set_params(self, schedule, **options) -> None:
+        self.params = AttentionReuseConfig(schedule, **options)  # validated now, not at enable()
+        if self.handle is not None:
+            self.disable()
+            self.enable()
+
+    def enable(self) -> AttentionReuseHandle:
+        if self.params is None:
+            raise ValueError("Call set_params(schedule=...) before enable().")
+        if self.handle is not None:
+            raise ValueError("Attention reuse is already enabled; call disable() first.")
+        self.handle = apply_attention_reuse(self.pipe, self.params)
+        return self.handle
+
+    def disable(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

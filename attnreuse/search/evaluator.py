@@ -1,0 +1,145 @@
+"""The paper's utility of reuse schedules, evaluated with shared prefixes.
+
+The utility of a schedule is the mean PSNR of its final images against the no-reuse images of the same prompts
+and seeds (Hunter, Dudziak et al. 2024, sec. 3.1). Two schedules whose per-call actions agree on their first k calls
+produce the same latents, scheduler state and cached maps up to call k, so `Evaluator` runs the candidates in
+sorted order and resumes each one from the deepest state it shares with the candidate before it (a depth-first
+walk of the trie of plans): a PHAST sweep costs a fraction of its (N - r) * r full generations, and the result is
+bit for bit what a full run gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..reuse import apply_attention_reuse
+from ..schedule import Schedule
+from ..state import call_actions
+from ..utils import GenerationSetup, denoise_step, generators, mean_psnr, read_json, write_json
+
+__all__ = ["Evaluator", "model_name"]
+
+
+def model_name(pipe) -> str:
+    """The pipeline's hub id or folder, else its denoiser's class name."""
+    return str(getattr(pipe, "name_or_path", "") or type(pipe.unet).__name__)
+
+
+class Evaluator:
+    """Mean PSNR of reuse schedules on a calibration set, against the no-reuse images (computed once).
+
+    Args:
+        setup (`GenerationSetup`): the pipeline (its scheduler is the sampler searched for), the calibration prompts
+            and seeds (image i is prompt i with the noise the pipeline draws from seeds[i]; all in one batch), the
+            step count and guidance scale.
+        state_file (*optional*): JSON where every utility is written as soon as it is known; an interrupted
+            search run again with the same file skips what was done.
+
+    `calls` counts denoiser calls (each over the whole batch); `naive_calls` what full generations would cost.
+    """
+
+    def __init__(self, setup: GenerationSetup, state_file: str | Path | None = None, progress: bool = False):
+        self.setup, self.progress = setup, progress
+        self.calls, self.naive_calls = 0, 0
+        self.utilities: dict[str, float] = {}
+        self.state_file = Path(state_file) if state_file else None
+        if self.state_file and self.state_file.exists():
+            self._resume()
+        self._prepare()
+        self._path: list[tuple[str, tuple]] = []  # (action, state after it) along the last candidate run
+        self.references = self._final_images(self._run(Schedule.all_compute(setup.num_steps).bits, count=False))
+
+    @property
+    def key(self) -> dict:
+        """What the utilities depend on (a resumed search must match it)."""
+        s = self.setup
+        return {"model": model_name(s.pipe), "sampler": type(s.pipe.scheduler).__name__,
+                "num_inference_steps": s.num_steps, "guidance_scale": s.guidance, "prompts": s.prompts,
+                "seeds": s.seeds}
+
+    def _resume(self) -> None:
+        saved = read_json(self.state_file, "search state file")
+        start_over = f"use another --state file or delete {self.state_file} to start over"
+        if not isinstance(saved, dict) or not isinstance(saved.get("utilities"), dict):
+            raise ValueError(f"{self.state_file} is not a search state file (no 'utilities' object); {start_over}.")
+        if saved.get("setup") != self.key:
+            raise ValueError(f"{self.state_file} was written for another search setup: {saved.get('setup')}; "
+                             f"{start_over}.")
+        bad = [k for k, v in saved["utilities"].items()
+               if set(k) - {"0", "1"} or len(k) != self.setup.num_steps or not isinstance(v, (int, float))
+               or isinstance(v, bool) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{self.state_file}: field 'utilities' has invalid entries {bad[:3]}; {start_over}.")
+        self.utilities = {k: float(v) for k, v in saved["utilities"].items()}
+        self.calls, self.naive_calls = int(saved.get("calls", 0)), int(saved.get("naive_calls", 0))
+
+    @torch.no_grad()
+    def _prepare(self) -> None:
+        s = self.setup
+        pipe, device = s.pipe, s.pipe.unet.device
+        self.cfg = s.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+        positive, negative = pipe.encode_prompt(s.prompts, device, 1, self.cfg)
+        self.embeds = torch.cat([negative, positive]) if self.cfg else positive
+        pipe.scheduler.set_timesteps(s.num_steps, device=device)
+        self.timesteps = pipe.scheduler.timesteps
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        latents = pipe.prepare_latents(len(s.prompts), pipe.unet.config.in_channels, size, size,
+                                       self.embeds.dtype, device, generators(s.seeds, device))
+        self._start = (latents, copy.deepcopy(pipe.scheduler))
+
+    @torch.no_grad()
+    def _final_images(self, latents) -> np.ndarray:
+        vae = self.setup.pipe.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+    @torch.no_grad()
+    def _run(self, bits, count=True):
+        """Final latents of one schedule, resumed from the deepest state shared with the previous run."""
+        actions = call_actions(tuple(bits))
+        depth = 0
+        while depth < min(len(self._path), len(actions) - 1) and self._path[depth][0] == actions[depth]:
+            depth += 1
+        del self._path[depth:]
+        latents, scheduler, resume = self._path[-1][1] if depth else (*self._start, None)
+        scheduler = copy.deepcopy(scheduler)
+        unet = self.setup.pipe.unet
+        with apply_attention_reuse(unet, Schedule(bits)) as handle, handle.generation(bits, resume=resume):
+            for s in range(depth, len(actions)):
+                latents = denoise_step(unet, scheduler, latents, self.timesteps[s], self.setup.guidance, self.cfg,
+                                       encoder_hidden_states=self.embeds)
+                self._path.append((actions[s], (latents, copy.deepcopy(scheduler), handle.snapshot())))
+        self.calls += (len(actions) - depth) if count else 0
+        return latents
+
+    def __call__(self, schedules) -> list[float]:
+        """Utilities of the schedules (known ones are not run again), running the new ones in sorted order."""
+        schedules = [Schedule(s) for s in schedules]
+        for s in schedules:
+            if len(s) != self.setup.num_steps:
+                raise ValueError(f"Schedule {s!r} has {len(s)} entries; this search runs {self.setup.num_steps} "
+                                 "steps.")
+        todo = sorted({str(s): s for s in schedules if str(s) not in self.utilities}.values(),
+                      key=lambda s: call_actions(s.bits))
+        for s in tqdm(todo, desc="schedules", disable=not self.progress, dynamic_ncols=True):
+            self.utilities[str(s)] = mean_psnr(self._final_images(self._run(s.bits)), self.references)
+            self.naive_calls += self.setup.num_steps
+            self._save()
+        return [self.utilities[str(s)] for s in schedules]
+
+    def _save(self) -> None:
+        if self.state_file is not None:
+            write_json(self.state_file, {"setup": self.key, "utilities": self.utilities, "calls": self.calls,
+                                         "naive_calls": self.naive_calls})
+
+    def describe(self, schedule: Schedule, **meta) -> Schedule:
+        """The schedule with its timesteps and the search's metadata, as `Schedule.to_json` writes it."""
+        info = dict(self.key, psnr_db=self([schedule])[0], evaluations=len(self.utilities),
+                    model_calls=self.calls, naive_model_calls=self.naive_calls, **meta)
+        return Schedule(schedule.bits, [float(t) for t in self.timesteps], dict(schedule.meta, **info))

@@ -1,0 +1,284 @@
+"""Helpers the tools share: samplers, loading, device names, timing, seeded generation, PSNR, images, files.
+
+One helper per concept, so that every tool times, seeds, scores and writes alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["SAMPLERS", "SD_SCHEDULER", "use_sampler", "load_pipeline", "device_name", "timed", "generators",
+           "GenerationSetup", "generate", "to_uint8", "image_grid", "PSNR_CAP", "psnr", "mean_psnr",
+           "atomic_write", "write_json", "read_json", "write_clip_tokenizer", "denoise_step"]
+
+# CLI names -> (diffusers scheduler class name, extra config)
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),  # second order: 2 model calls per step, 1 at the last
+    "dpm2": ("KDPM2DiscreteScheduler", {}),  # second order, as heun
+}
+
+# Stable Diffusion 1.x's noise schedule (DDIM), for pipelines built here
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon",
+                    timestep_spacing="leading")
+
+
+def use_sampler(pipe, name: str):
+    """Swap the pipeline's scheduler for the named sampler, keeping its noise schedule config."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; choose from {sorted(SAMPLERS)}.")
+    cls_name, extra = SAMPLERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    return pipe
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a local folder or a hub id, on `device`, without a progress bar."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def device_name(device) -> str:
+    """The card's or the CPU's name, recorded beside every timing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU: {model} ({torch.get_num_threads()} threads)"
+
+
+def timed(fn, device="cpu"):
+    """Run `fn()` and return (result, seconds), synchronising CUDA around it."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+def generators(seeds, device="cpu") -> list[torch.Generator]:
+    """One generator per image, seeded with its seed: image i gets the noise the pipeline draws from seeds[i]."""
+    return [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int | None = None, progress: bool = False,
+             **kwargs) -> np.ndarray:
+    """Images (N, H, W, 3) float32 in [0, 1] for prompts and per-image seeds, `batch_size` prompts per call."""
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"Need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds.")
+    device = getattr(pipe, "device", "cpu")
+    size = batch_size or len(prompts)
+    out = []
+    for start in tqdm(range(0, len(prompts), size), desc="generate", disable=not progress):
+        chunk = slice(start, start + size)
+        images = pipe(list(prompts[chunk]), generator=generators(seeds[chunk], device), output_type="np",
+                      **kwargs).images
+        out.append(np.asarray(images, dtype=np.float32))
+    return np.concatenate(out)
+
+
+@dataclass
+class GenerationSetup:
+    """What a set of images depends on besides the method: the pipeline, prompts, one seed per prompt, the step
+    count and the guidance scale."""
+
+    pipe: object
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=list)
+    num_steps: int = 20
+    guidance: float = 7.5
+
+    def __post_init__(self):
+        self.prompts = list(self.prompts)
+        self.seeds = [int(s) for s in self.seeds] if self.seeds else list(range(len(self.prompts)))
+        if len(self.prompts) != len(self.seeds) or not self.prompts:
+            raise ValueError(f"Need one seed per prompt, got {len(self.prompts)} prompts and {len(self.seeds)} seeds.")
+
+    @property
+    def device(self):
+        return getattr(self.pipe, "device", torch.device("cpu"))
+
+    def generate(self, progress: bool = False, **overrides) -> np.ndarray:
+        """The images of this setup (float32 in [0, 1]); `overrides` go to the pipeline call."""
+        kwargs = {"num_inference_steps": self.num_steps, "guidance_scale": self.guidance, **overrides}
+        return generate(self.pipe, self.prompts, self.seeds, progress=progress, **kwargs)
+
+    def subset(self, indices) -> GenerationSetup:
+        return GenerationSetup(self.pipe, [self.prompts[i] for i in indices], [self.seeds[i] for i in indices],
+                               self.num_steps, self.guidance)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in [0, 1] as uint8 (what a PNG holds)."""
+    return np.clip(np.rint(np.asarray(images, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+
+
+def image_grid(images, columns: int = 8, upscale: int = 2, pad: int = 2, labels=None):
+    """A PIL image of (N, H, W, 3) images (float in [0, 1] or uint8) in rows of `columns`, enlarged `upscale`
+    times (nearest); `labels` (one per row) are written left of the rows."""
+    from PIL import Image, ImageDraw
+
+    images = images if np.asarray(images).dtype == np.uint8 else to_uint8(images)
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    grid = Image.fromarray(canvas)
+    grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
+    if not labels:
+        return grid
+    margin = 7 * max(len(label) for label in labels) + 8
+    framed = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    framed.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(framed)
+    for r, label in enumerate(labels[:rows]):
+        draw.text((4, (pad + r * (h + pad) + h // 2) * upscale - 5), label, fill="black")
+    return framed
+
+
+PSNR_CAP = 100.0  # dB: an image identical to its reference counts as this, so that means stay finite
+
+
+def psnr(image, reference, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB between two images (arrays in [0, data_range]); inf when identical."""
+    image, reference = np.asarray(image, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if image.shape != reference.shape:
+        raise ValueError(f"PSNR needs images of one shape, got {image.shape} and {reference.shape}.")
+    mse = float(np.mean((image - reference) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+
+
+def mean_psnr(images, references) -> float:
+    """The paper's utility: the mean over images of the PSNR (dB, each capped at PSNR_CAP) against references."""
+    return float(np.mean([min(PSNR_CAP, psnr(x, y)) for x, y in zip(images, references, strict=True)]))
+
+
+def atomic_write(path, write) -> Path:
+    """`write(tmp)` writes a temporary file beside `path`, which is then renamed into place: an interruption or a
+    write fault never leaves a half-written file at `path`. The folder is made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finite(x):
+    """JSON has no NaN or infinity: non-finite floats become null."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def write_json(path, data, indent: int | None = 1) -> Path:
+    """`data` as JSON at `path`, written atomically, non-finite floats as null."""
+    text = json.dumps(_finite(data), indent=indent, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path, what: str = "JSON file"):
+    """The JSON at `path`; a missing, unreadable or malformed file is a ValueError that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} cannot be read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def _bpe_merges(words) -> tuple[list[tuple[str, str]], list[str]]:
+    """Byte-pair merges learnt on the word list until every word is one token, and the resulting symbols: CLIP's
+    tokenizer splits a word into characters and applies merges by rank."""
+    from collections import Counter
+
+    segments = {w: [*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)}
+    symbols = list(dict.fromkeys(sym for seg in segments.values() for sym in seg))
+    merges = []
+    while any(len(seg) > 1 for seg in segments.values()):
+        pairs = Counter(pair for seg in segments.values() for pair in zip(seg, seg[1:]))
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        symbols.append("".join(best))
+        segments = {word: _merged(seg, best) for word, seg in segments.items()}
+    return merges, list(dict.fromkeys(symbols))
+
+
+def _merged(seg: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(seg):
+        if i + 1 < len(seg) and (seg[i], seg[i + 1]) == pair:
+            out.append(seg[i] + seg[i + 1])
+            i += 2
+        else:
+            out.append(seg[i])
+            i += 1
+    return out
+
+
+def write_clip_tokenizer(directory, words, max_length: int = 77):
+    """Write a word-level CLIP tokenizer (vocab.json and the merges.txt that makes each word one token), load it."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = [w.lower() for w in words]
+    merges, symbols = _bpe_merges(words)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                              model_max_length=max_length, pad_token="<|endoftext|>")
+    broken = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    if broken:
+        raise RuntimeError(f"attnreuse: the written tokenizer splits {broken[:5]}; this is a bug.")
+    return tokenizer
+
+
+def denoise_step(denoiser, scheduler, latents, t, guidance: float, cfg: bool = True, **inputs):
+    """One sampler step with classifier-free guidance, as diffusers' SD pipelines run it: both branches in one
+    batch (unconditional first), `guidance` times their difference added to the unconditional prediction."""
+    x = torch.cat([latents] * 2) if cfg else latents
+    eps = denoiser(scheduler.scale_model_input(x, t), t, return_dict=False, **inputs)[0]
+    if cfg:
+        uncond, cond = eps.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+    return scheduler.step(eps, t, latents, return_dict=False)[0]

@@ -1,0 +1,97 @@
+"""The command line: help, speed, generate, search, compare, and the README's example."""
+
+import json
+import subprocess
+import sys
+
+from attnreuse import Schedule
+from attnreuse.cli import main
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "attnreuse", "--help"], capture_output=True, text=True, check=True)
+    assert "speed" in out.stdout and "attention maps" in out.stdout
+
+
+def test_speed_comparison_on_a_local_pipeline(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    rc = main(["speed", "--model", "tiny-sd", "--steps", "4", "--reuse", "2", "--repeats", "2", "--quiet",
+               "--device", "cpu", "--json", str(path)])
+    assert rc == 0
+    result = json.loads(path.read_text())
+    assert result["schedule"] == "1100" and result["steps"] == 4
+    assert len(result["full_times_s"]) == len(result["reuse_times_s"]) == 2
+    assert result["speedup"] == result["full_s"] / result["reuse_s"] > 0
+    assert result["peak_cache_mib"] > 0 and result["psnr_db"] > 20
+    assert result["device"].startswith("CPU")
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bad_schedule_on_the_command_line_is_a_clear_error(capsys):
+    assert main(["speed", "--model", "tiny-sd", "--steps", "4", "--schedule", "0110", "--quiet"]) == 2
+    assert "first step of a schedule must compute" in capsys.readouterr().err
+    assert main(["speed", "--model", "tiny-sd", "--steps", "4", "--schedule", "110", "--quiet"]) == 2
+    assert "expected a schedule of length 4" in capsys.readouterr().err
+
+
+def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
+    out = tmp_path / "circle.png"
+    assert main(["generate", "a red circle left of a blue square", "--steps", "10", "--schedule", "hurry:4",
+                 "--device", "cpu", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no reuse" in printed and "reuse" in printed and "faithfulness check" in printed
+    assert "schedule 1111110000 (4 reuse)" in printed
+    from PIL import Image
+
+    assert Image.open(out).size == Image.open(tmp_path / "circle.full.png").size == (64, 64)
+
+
+def test_generate_rejects_a_bad_schedule(capsys):
+    assert main(["generate", "a red circle", "--steps", "10", "--schedule", "hurry:10", "--device", "cpu"]) == 2
+    assert "HURRY needs 0 <= reuse_steps < num_steps" in capsys.readouterr().err
+
+
+def test_readme_example_runs():
+    """The README's Python example is code a user will paste: it must run as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_search_command_end_to_end_on_the_default_model(tmp_path, capsys):
+    """A tiny PHAST search on the shipped model; its JSON is accepted by Schedule.from_json and generate."""
+    out = tmp_path / "phast.json"
+    assert main(["search", "--steps", "6", "--reuse", "2", "--calibration", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    schedule = Schedule.from_json(out)
+    meta = schedule.meta
+    assert len(schedule) == 6 and schedule.num_reuse == 2 and len(schedule.timesteps) == 6
+    assert meta["strategy"] == "phast" and meta["psnr_db"] >= meta["hurry_psnr_db"]
+    assert meta["num_inference_steps"] == 6 and meta["sampler"] == "ddim" and len(meta["prompts"]) == 2
+    assert meta["model_calls"] < meta["naive_model_calls"]
+    assert meta["history"][-1]["schedule"] == str(schedule)
+    assert "fewer" in capsys.readouterr().out
+    state = json.loads(out.with_suffix(".state.json").read_text())
+    assert len(state["utilities"]) == meta["evaluations"]
+    assert main(["generate", "a red circle", "--steps", "6", "--schedule", str(out), "--device", "cpu",
+                 "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()
+
+
+def test_compare_command_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--steps", "5", "--reuse", "2", "--count", "2", "--schedules", "hurry,early,11010",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["strategy"] for r in result["rows"]] == ["hurry", "early", "11010"]
+    assert [r["schedule"] for r in result["rows"]] == ["11100", "10011", "11010"]
+    assert all(r["reuse_steps"] == 2 and 10 < r["psnr_db"] <= 100 for r in result["rows"])
+    table = (out / "compare.md").read_text()
+    assert table.count("\n") == 5 and "| hurry | `11100` | 2 |" in table
+    assert "held-out prompts" in capsys.readouterr().out
+    assert main(["compare", "--model", "tiny-sd", "--steps", "5", "--out", str(out)]) == 2  # no prompt file
+    assert "needs --prompts FILE" in capsys.readouterr().err

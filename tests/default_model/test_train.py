@@ -1,0 +1,72 @@
+"""Training the default model: deterministic from a seed, and an interrupted run resumes to the same weights."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import attnreuse.default_model.train as train
+
+TINY = dict(seed=3, vae_steps=3, unet_steps=3, vae_batch=2, unet_batch=2, checkpoint_every=1, vae_target_psnr=None,
+            psnr_images=2)
+
+
+def _weights(model_dir):
+    return {name: load_file(model_dir / name / "diffusion_pytorch_model.safetensors") for name in ("vae", "unet")}
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    straight = train.train_default(tmp_path / "straight", **TINY)
+
+    real_batch, calls = train.batch, {"n": 0}
+
+    def interrupting_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # somewhere in the UNet stage
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "batch", interrupting_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_default(tmp_path / "resumed", **TINY)
+    assert (tmp_path / "resumed" / "checkpoints" / "unet.pt").exists()
+    assert not (tmp_path / "resumed" / "model").exists()
+    monkeypatch.setattr(train, "batch", real_batch)
+    resumed = train.train_default(tmp_path / "resumed", **TINY)
+
+    a, b = _weights(straight), _weights(resumed)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
+    log = (tmp_path / "resumed" / "checkpoints" / "log.json").read_text()
+    assert '"stage": "unet"' in log and '"psnr_held_out"' in log
+
+
+def test_time_budget_picks_a_step_count_that_reproduces_the_run(tmp_path, monkeypatch):
+    """A budgeted run fixes its step count during the warm-up; asking for that count gives the same weights."""
+    import json
+
+    budgeted = train.train_default(tmp_path / "budget", **{**TINY, "unet_steps": 10_000, "warmup": 12},
+                                   unet_budget_s=1.5)
+    record = json.loads((budgeted / "training.json").read_text())
+    count = record["unet_steps"]
+    assert 12 <= count < 10_000 and record["unet_runs"] == [{"unet_steps": count, "from_step": 0}]
+    fixed = train.train_default(tmp_path / "fixed", **{**TINY, "unet_steps": count, "warmup": 12})
+    a, b = _weights(budgeted), _weights(fixed)
+    for key in a["unet"]:
+        torch.testing.assert_close(a["unet"][key], b["unet"][key], rtol=0, atol=0)
+
+
+def test_worker_processes_build_the_same_batches(tmp_path):
+    """On CUDA the batches come from worker processes: each depends only on its step."""
+    import functools
+
+    from attnreuse.default_model.config import build_components
+
+    tokenizer = build_components(0, tokenizer_dir=tmp_path)["tokenizer"]
+    make = functools.partial(train._unet_item, seed=0, batch_size=3, tokenizer=tokenizer, drop_caption=0.5,
+                             latent_shape=(4, 16, 16), num_train_timesteps=1000)
+    loader = torch.utils.data.DataLoader(train._Steps(make, 5, 11), batch_size=None, num_workers=2)
+    for step, got in zip(range(5, 11), loader):
+        for a, b in zip(got, make(step)):
+            assert torch.equal(a, b)
