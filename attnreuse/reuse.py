@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ import torch
 from .attention import SUPPORTED_PROCESSORS, ReuseAttnProcessor, check_kernels
 from .attention.cpu_store import CoreThreads
 from .cache import AUTO, MAP, MODES, LayerCache, slot_bytes
-from .schedule import Schedule, as_schedule
-from .state import StepTracker, call_actions
+from .schedule import Schedule, as_schedule, whole_number
+from .state import StepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +72,36 @@ class AttentionReuseConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", as_schedule(self.schedule))
-        if isinstance(self.layers, str):
-            object.__setattr__(self, "layers", (self.layers,))
-        elif self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", _layer_patterns(self.layers))
         if self.attention not in _ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}.")
         if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype)
                                                  and self.cache_dtype.is_floating_point):
-            raise ValueError(f"cache_dtype must be a floating torch.dtype, got {self.cache_dtype!r}.")
+            raise ValueError(f"cache_dtype must be a floating torch.dtype such as torch.float16, got "
+                             f"{self.cache_dtype!r}.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
-        if self.max_cache_bytes is not None and not (isinstance(self.max_cache_bytes, int)
-                                                     and self.max_cache_bytes >= 0):
-            raise ValueError(f"max_cache_bytes must be a non-negative int, got {self.max_cache_bytes!r}.")
+        if self.max_cache_bytes is not None:
+            object.__setattr__(self, "max_cache_bytes", whole_number(self.max_cache_bytes, "max_cache_bytes"))
+        if not isinstance(self.kernels, bool):
+            raise TypeError(f"kernels must be True or False, got {self.kernels!r}.")
+
+
+def _layer_patterns(layers) -> tuple[str, ...] | None:
+    """The layer filter as a tuple of names or patterns (None: every layer)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = (layers,)
+    elif not isinstance(layers, (list, tuple, set, frozenset)):
+        raise TypeError(f"layers must be a layer name, a pattern or a list of them, got {type(layers).__name__}.")
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers=[] selects no layer; pass layers=None (the default) for every layer.")
+    bad = [p for p in layers if not isinstance(p, str) or not p]
+    if bad:
+        raise TypeError(f"layers holds {bad[0]!r}; each entry is a layer name or a glob pattern (a string).")
+    return layers
 
 
 def _find_model(target):
@@ -154,15 +171,16 @@ def _select(model, config: AttentionReuseConfig) -> tuple[list[str], dict[str, s
 class AttentionReuseHandle:
     """What `apply_attention_reuse` returns: `remove()`, `reset()`, `stats()`, `generation()`; a context manager.
 
-    It holds the step tracker and the layer cache of one patched model, and is what the step hooks call.
+    It holds the step tracker and the layer cache of one patched model, and is what the step hooks call. One
+    handle serves one generation at a time: a call from another thread during a generation is refused.
     """
 
     def __init__(self, model, config: AttentionReuseConfig, tracker: StepTracker, cache: LayerCache):
         self.model, self.config, self.tracker, self.cache = model, config, tracker, cache
         self.threads = CoreThreads()
-        self._originals: dict = {}
-        self._hooks: list = []
-        self._pipeline = None
+        self._processors: dict = {}  # layer name -> (its module, our processor, the processor it had)
+        self._undo: list = []  # hooks and instance attributes to take off in `remove`
+        self._open = False  # a denoiser call has begun and not returned
 
     @property
     def layers(self) -> list[str]:
@@ -174,40 +192,44 @@ class AttentionReuseHandle:
         return getattr(self.model, _HANDLE_ATTR, None) is self
 
     def reset(self) -> None:
-        """Clear the cache, the position in the schedule and the counts (the next call starts a generation)."""
+        """Clear the cache, the position in the schedule and the counts (the next call starts a generation).
+        Refused during a generation, whose next calls would reuse what it clears."""
+        if self.tracker.in_generation and not self._open:
+            raise RuntimeError(f"attnreuse: reset() during a generation (after call {self.tracker.call + 1} of "
+                               f"{len(self.tracker.actions)}) would drop maps its next calls reuse; call it between "
+                               "generations (a pipeline call frees the cache by itself).")
         self.tracker.reset()
         self.cache.reset()
+        self._open = False
 
     def remove(self) -> None:
-        """Give every patched layer back the processor it had, and remove the step-tracking hooks."""
+        """Give every patched layer back the processor it had (layers whose processor was changed since keep the
+        new one), and remove the step hooks."""
         if not self.active:
             return
-        processors = {key: self._originals.get(key.removesuffix(".processor"), proc)
-                      for key, proc in self.model.attn_processors.items()}
-        self.model.set_attn_processor(processors)
-        for hook in self._hooks:
-            hook.remove()
-        if self._pipeline is not None:
-            self._pipeline.__dict__.pop(_END_OF_CALL, None)
-        self.reset()
+        for module, ours, original in self._processors.values():
+            if module.processor is ours:
+                module.set_processor(original)
+        for undo in self._undo:
+            undo()
+        self._open = False
+        self.tracker.reset()
+        self.cache.reset()
         self.threads.shutdown()
         delattr(self.model, _HANDLE_ATTR)
 
     def stats(self) -> dict:
-        """Counts per layer since apply or the last reset, and the bytes held in the cache now and at peak."""
+        """Counts per layer since apply or the last reset, the bits of the current (or last) generation, and the
+        bytes held in the cache now and at peak."""
         cache, kinds = self.cache, attention_layers(self.model)
         return {
-            "generations": self.tracker.generations,
-            "calls_in_generation": self.tracker.call + 1,
-            "cache_bytes": cache.nbytes,
-            "peak_cache_bytes": cache.peak_bytes,
-            "kept_buffer_bytes": cache.memory.nbytes,
-            "layers": {
-                name: {"attention": kinds[name], **vars(cache.counts[name]),
-                       "cache": cache.slots[name].kind if name in cache.slots else None,
-                       "cache_bytes": slot_bytes(cache.slots[name]) if name in cache.slots else 0}
-                for name in cache.layers
-            },
+            "generations": self.tracker.generations, "calls_in_generation": self.tracker.call + 1,
+            "schedule": "".join(map(str, self.tracker.bits)), "cache_bytes": cache.nbytes,
+            "peak_cache_bytes": cache.peak_bytes, "kept_buffer_bytes": cache.memory.nbytes,
+            "layers": {name: {"attention": kinds[name], **vars(cache.counts[name]),
+                              "cache": cache.slots[name].kind if name in cache.slots else None,
+                              "cache_bytes": slot_bytes(cache.slots[name]) if name in cache.slots else 0}
+                       for name in cache.layers},
         }
 
     @contextmanager
@@ -216,11 +238,12 @@ class AttentionReuseHandle:
         and ends on leaving the block, also when it raises. `resume`: a `snapshot()` to continue from (its calls so
         far must agree with `bits`)."""
         bits = Schedule(bits if bits is not None else self.config.schedule).bits
+        self._claim()
         if resume is None:
             self.tracker.start(bits, explicit=True)
             self.cache.free()
         else:
-            self.tracker.restore(resume[0], call_actions(bits))
+            self.tracker.restore(resume[0], bits)
             self.cache.restore(resume[1])
         try:
             yield self
@@ -228,25 +251,53 @@ class AttentionReuseHandle:
             self.end_generation()
 
     def snapshot(self) -> tuple:
-        """Where the generation stands (actions, call index, slots by reference), to resume with `generation`."""
+        """Where the generation stands (bits, call index, slots by reference), to resume with `generation`."""
         return self.tracker.snapshot(), self.cache.snapshot()
 
     def before_call(self, timestep, context) -> None:
         """The step hook before every denoiser call (outside any compiled region)."""
+        if self._open:  # the previous call raised past the hooks (KeyboardInterrupt): its generation is over
+            self.end_generation()
+        self._claim()
         if self.tracker.before_call(timestep):
             self.cache.free()
+            self._check_processors()
         self.cache.begin_call(self.tracker.action, context)
+        self._open = True
 
-    def after_call(self) -> None:
-        """The step hook after every denoiser call: counts, and the cache freed after a generation's last call."""
+    def after_call(self, output) -> None:
+        """The step hook after every denoiser call, also one that raised (`output` None): counts, and the cache
+        freed after a generation's last call or a failed one."""
+        self._open = False
+        if output is None:
+            self.end_generation()
+            return
         self.cache.end_call(self.tracker.action)
         if self.tracker.last_call:
             self.cache.free()
+            self.tracker.finish()
 
     def end_generation(self) -> None:
-        """The pipeline call is over (it may have stopped early: `denoising_end`, an interrupt): free the cache."""
-        self.cache.free()
-        self.tracker.end()
+        """The generation is over (its pipeline call returned, stopped early or raised): free the cache. Only the
+        thread running the generation can end it."""
+        if self.tracker.owner in (None, threading.get_ident()):
+            self.cache.free()
+            self.tracker.end()
+            self._open = False
+
+    def _claim(self) -> None:
+        owner = self.tracker.owner
+        if self.tracker.in_generation and owner not in (None, threading.get_ident()):
+            raise RuntimeError(f"attnreuse: this model is in a generation run by another thread ({owner}); one "
+                               "patched model serves one generation at a time. Use one pipeline per thread.")
+
+    def _check_processors(self) -> None:
+        changed = [name for name, (module, ours, _) in self._processors.items() if module.processor is not ours]
+        if changed:
+            self.tracker.end()
+            raise RuntimeError(f"attnreuse: the attention processors of {len(changed)} patched layers (e.g. "
+                               f"{changed[0]!r}) were changed after apply (set_attn_processor, attention slicing); "
+                               "call handle.remove(), change them, then apply again.")
 
     def __enter__(self) -> AttentionReuseHandle:
         return self
@@ -259,23 +310,24 @@ class AttentionReuseHandle:
 
 
 def _install_processors(model, handle: AttentionReuseHandle, kinds: dict[str, str]) -> dict:
-    """Our processor on each selected layer; returns the processors they had (restored by `remove`)."""
-    config, current = handle.config, model.attn_processors
-    originals = {name: current[name + ".processor"] for name in handle.cache.layers}
-    patched = {key: ReuseAttnProcessor(name, proc, handle.tracker, handle.cache, config.mode,
-                                       kinds[name] == "cross", config.cache_dtype, config.kernels, handle.threads)
-               if (name := key.removesuffix(".processor")) in originals else proc for key, proc in current.items()}
-    model.set_attn_processor(patched)
+    """Our processor on each selected layer: {name: (its module, our processor, the processor it had)}."""
+    config, installed = handle.config, {}
+    for name in handle.cache.layers:
+        module = model.get_submodule(name)
+        ours = ReuseAttnProcessor(name, module.processor, handle.tracker, handle.cache, config.mode,
+                                  kinds[name] == "cross", config.cache_dtype, config.kernels, handle.threads)
+        installed[name] = (module, ours, module.processor)
+        module.set_processor(ours)
     parameter = next(model.parameters(), None)
     if config.mode in (MAP, AUTO) and config.kernels and parameter is not None and parameter.is_cuda:
-        check_kernels(parameter.device, parameter.dtype,
-                      [model.get_submodule(n).inner_dim // model.get_submodule(n).heads for n in originals],
+        check_kernels(parameter.device, parameter.dtype, [m.inner_dim // m.heads for m, _, _ in installed.values()],
                       config.cache_dtype)
-    return originals
+    return installed
 
 
 def _install_step_hooks(model, handle: AttentionReuseHandle) -> list:
-    """Hooks before and after every denoiser call, run outside any compiled graph."""
+    """Hooks before and after every denoiser call (also one that raises), run outside any compiled graph; returns
+    what undoes them."""
     forward = getattr(model, "_orig_mod", model).forward  # a compiled model's hooks see the inner signature
     params = list(inspect.signature(forward).parameters)
 
@@ -291,23 +343,63 @@ def _install_step_hooks(model, handle: AttentionReuseHandle) -> list:
 
     @torch.compiler.disable
     def after(module, args, output):
-        handle.after_call()
+        handle.after_call(output)
 
-    return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, always_call=True)]
+    return [hook.remove for hook in hooks]
 
 
-def _wrap_pipeline_end(target, handle: AttentionReuseHandle):
-    """On a pipeline, the generation also ends where the pipeline call ends; returns the pipeline, or None."""
+class _LoopGuard:
+    """A pipeline's progress bar, which its denoising loop runs inside: entering it starts a pipeline call's
+    generation, leaving it (normally, early or by an exception) ends the generation."""
+
+    def __init__(self, bar, handle: AttentionReuseHandle):
+        self.bar, self.handle = bar, handle
+
+    def __enter__(self):
+        handle, tracker = self.handle, self.handle.tracker
+        if tracker.in_generation and tracker.owner == threading.get_ident():
+            raise RuntimeError("attnreuse: a pipeline call started inside another one's generation (e.g. from its "
+                               "callback); one patched pipeline runs one generation at a time.")
+        handle._claim()
+        tracker.end()
+        tracker.strict = True
+        return self.bar.__enter__()
+
+    def __exit__(self, *exc):
+        self.handle.end_generation()
+        return self.bar.__exit__(*exc)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
+def _on_instance(target, name: str, value):
+    """Set an attribute on the instance only; returns what restores the instance exactly."""
+    missing = object()
+    before = target.__dict__.get(name, missing)
+    setattr(target, name, value)
+    return lambda: target.__dict__.pop(name, None) if before is missing else setattr(target, name, before)
+
+
+def _wrap_pipeline(target, handle: AttentionReuseHandle) -> list:
+    """On a pipeline, generations begin and end with its denoising loop and end with its call; returns what undoes
+    the wrappers (instance attributes only)."""
     end_of_call = None if isinstance(target, torch.nn.Module) else getattr(target, _END_OF_CALL, None)
     if not callable(end_of_call):
-        return None
+        return []
+    progress_bar = target.progress_bar
 
     def free_then_end_of_call(*args, **kwargs):  # a generation that stopped early frees its cache too
         handle.end_generation()
         return end_of_call(*args, **kwargs)
 
-    setattr(target, _END_OF_CALL, free_then_end_of_call)  # on the instance only, undone by remove()
-    return target
+    return [_on_instance(target, _END_OF_CALL, free_then_end_of_call),
+            _on_instance(target, "progress_bar", lambda *a, **k: _LoopGuard(progress_bar(*a, **k), handle))]
 
 
 def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> AttentionReuseHandle:
@@ -350,9 +442,8 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
     names, kinds = _select(model, config)
     handle = AttentionReuseHandle(model, config, StepTracker(config.schedule, get_scheduler),
                                   LayerCache(tuple(names), config.max_cache_bytes))
-    handle._originals = _install_processors(model, handle, kinds)
-    handle._hooks = _install_step_hooks(model, handle)
-    handle._pipeline = _wrap_pipeline_end(target, handle)
+    handle._processors = _install_processors(model, handle, kinds)
+    handle._undo = _install_step_hooks(model, handle) + _wrap_pipeline(target, handle)
     setattr(model, _HANDLE_ATTR, handle)
     logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
     return handle

@@ -2,12 +2,14 @@
 
 A step is one call of the denoiser. A new generation starts when the scheduler's `timesteps` is a new object
 (every pipeline call runs `set_timesteps`), when the previous generation has made all its calls or was ended, or,
-for a bare model without a scheduler, when the timestep goes back up.
+for a bare model without a scheduler, when the timestep goes back up. An explicit generation (`start(...,
+explicit=True)`) is ended only by `end`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -38,12 +40,18 @@ def _scalar(timestep) -> float | None:
 
 
 class StepTracker:
-    """The call index and action of one handle's current generation, and how many generations it has seen."""
+    """The call index and action of one handle's current generation, the thread it runs in, and how many
+    generations the handle has seen."""
 
     def __init__(self, schedule: Schedule, get_scheduler=lambda: None):
         self.schedule = schedule
         self.get_scheduler = get_scheduler
         self.reset()
+
+    @property
+    def in_generation(self) -> bool:
+        """Whether a generation has started and neither made all its calls nor been ended."""
+        return bool(self.actions) and not (self._finished or self._ended)
 
     def before_call(self, timestep) -> bool:
         """Advance to the next denoiser call and pick its action; True when a generation starts here."""
@@ -57,50 +65,70 @@ class StepTracker:
         """Whether the current call is its generation's last."""
         return self.call == len(self.actions) - 1
 
+    def finish(self) -> None:
+        """The generation has made all its calls: the next call starts another (an explicit one refuses it)."""
+        self._finished = True
+
     def end(self) -> None:
-        """The generation is over (its pipeline call returned or stopped): the next call starts another."""
-        self._ended, self.explicit = True, False
+        """The generation is over (its pipeline call returned, stopped or failed): the next call starts another."""
+        self._ended, self.explicit, self.strict, self.owner = True, False, False, None
 
     def start(self, bits: tuple[int, ...], explicit: bool = False) -> None:
-        """A new generation with these bits; an `explicit` one is not ended by detection, only by `end`."""
-        self.actions = call_actions(tuple(bits))
+        """A new generation with these bits, run by the calling thread."""
+        self.bits, self.actions = tuple(bits), call_actions(tuple(bits))
         self.call = -1
-        self._ended, self.explicit = False, explicit
+        self._finished, self._ended, self.explicit, self.owner = False, False, explicit, threading.get_ident()
         self.generations += 1
 
     def snapshot(self) -> tuple:
-        return self.actions, self.call, self._last_t
+        return self.bits, self.call, self._last_t
 
-    def restore(self, snapshot: tuple, actions: tuple[str, ...] | None = None) -> None:
-        """Continue from `snapshot` as an explicit generation, optionally with other actions that agree with it on
-        the calls made so far."""
-        self.actions, self.call, self._last_t = snapshot
-        self._ended, self.explicit = False, True
-        if actions is not None:
-            self.actions = actions
+    def restore(self, snapshot: tuple, bits: tuple[int, ...] | None = None) -> None:
+        """Continue from `snapshot` as an explicit generation, optionally with other bits that agree with it on the
+        calls made so far."""
+        old, self.call, self._last_t = snapshot
+        self.bits = tuple(bits) if bits is not None else old
+        self.actions = call_actions(self.bits)
+        self._finished, self._ended, self.explicit, self.owner = False, False, True, threading.get_ident()
 
     def reset(self) -> None:
+        self.bits: tuple[int, ...] = ()
         self.actions: tuple[str, ...] = ()
-        self.call, self.action, self.generations, self.explicit = -1, COMPUTE, 0, False
-        self._timesteps, self._last_t, self._ended = None, None, False
+        self.call, self.action, self.generations = -1, COMPUTE, 0
+        self.explicit, self.strict, self.owner = False, False, None  # strict: a pipeline loop delimits generations
+        self._timesteps, self._last_t, self._finished, self._ended = None, None, False, False
 
     def _starts_here(self, timestep) -> bool:
+        finished = self._finished or self._ended or self.call + 1 >= len(self.actions)
         if self.explicit:
-            if self.call + 1 >= len(self.actions):
-                raise ValueError(f"attnreuse: this generation has made all {len(self.actions)} calls of its schedule; "
-                                 "a further denoiser call needs a new generation (leave `handle.generation()` first).")
+            if finished:
+                raise ValueError(f"attnreuse: this generation has made all {len(self.actions)} calls of its "
+                                 "schedule; a further denoiser call needs a new generation (leave "
+                                 "`handle.generation()` first).")
             return False
         scheduler = self.get_scheduler()
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
-        finished = self._ended or self.call + 1 >= len(self.actions)
         if timesteps is not None:
             if finished or timesteps is not self._timesteps:
+                if self.strict and not finished:
+                    raise RuntimeError("attnreuse: the scheduler's timesteps were replaced during a generation (by a "
+                                       "second pipeline call, from another thread or a callback?); one patched "
+                                       "pipeline runs one generation at a time.")
                 self._timesteps = timesteps
                 self.start(self._resolve(scheduler, timesteps, timestep))
                 return True
             return False
-        t = _scalar(timestep)  # bare model: one read of the timestep per call
-        started = finished or (t is not None and self._last_t is not None and t > self._last_t)
+        return self._bare_starts_here(_scalar(timestep), finished)
+
+    def _bare_starts_here(self, t: float | None, finished: bool) -> bool:
+        """A bare model: a generation starts when the timestep goes back up or the previous one ended; a timestep
+        that keeps going down past the schedule's last entry is a length mismatch, not a new generation."""
+        back_up = t is not None and self._last_t is not None and t > self._last_t
+        if finished and not back_up and not self._ended and self.actions:
+            raise ValueError(f"attnreuse: the schedule has {len(self.actions)} entries but the denoiser was called "
+                             f"again (timestep {t} after {self._last_t}) in the same generation; build the "
+                             "schedule for the number of denoiser calls, or pass scheduler= to apply.")
+        started = finished or back_up
         if started:
             self.start(self.schedule.bits)
         self._last_t = t

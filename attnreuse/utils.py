@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["SAMPLERS", "SD_SCHEDULER", "use_sampler", "load_pipeline", "device_name", "timed", "generators",
-           "GenerationSetup", "generate", "to_uint8", "image_grid", "PSNR_CAP", "psnr", "mean_psnr",
+           "GenerationSetup", "generate", "to_uint8", "image_grid", "save_image", "PSNR_CAP", "psnr", "mean_psnr",
            "atomic_write", "write_json", "read_json", "write_clip_tokenizer", "denoise_step"]
 
 # CLI names -> (diffusers scheduler class name, extra config)
@@ -163,6 +163,18 @@ def image_grid(images, columns: int = 8, upscale: int = 2, pad: int = 2, labels=
     return framed
 
 
+def save_image(image, path) -> Path:
+    """An image (PIL, or an (H, W, 3) array: float in [0, 1] or uint8) written atomically, in the format its file
+    name says."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        image = Image.fromarray(array if array.dtype == np.uint8 else to_uint8(array))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
 PSNR_CAP = 100.0  # dB: an image identical to its reference counts as this, so that means stay finite
 
 
@@ -263,8 +275,9 @@ def write_clip_tokenizer(directory, words, max_length: int = 77):
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols:
         vocab.setdefault(symbol, len(vocab))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    atomic_write(directory / "vocab.json", lambda tmp: tmp.write_text(json.dumps(vocab)))
+    atomic_write(directory / "merges.txt", lambda tmp: tmp.write_text(merges_text))
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
                               model_max_length=max_length, pad_token="<|endoftext|>")
     broken = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]

@@ -42,6 +42,7 @@ def test_target_without_attention_layers():
 
 
 def test_layer_filters_that_match_nothing(sd_pipe):
+    before = dict(sd_pipe.unet.attn_processors)
     with pytest.raises(ValueError, match=r"Layer filter 'up_blocks\.9\.\*' matches no all attention layer"):
         apply_attention_reuse(sd_pipe, "hurry:4:2", layers=["up_blocks.*", "up_blocks.9.*"])
     with pytest.raises(ValueError, match="Layer filter 'down_blocks.0.attentions.0.attn1' matches no"):
@@ -49,8 +50,9 @@ def test_layer_filters_that_match_nothing(sd_pipe):
     cross = next(n for n, kind in attention_layers(sd_pipe).items() if kind == "cross")
     with pytest.raises(ValueError, match="matches no self attention layer"):
         apply_attention_reuse(sd_pipe, "hurry:4:2", layers=[cross], attention="self")
-    assert not isinstance(sd_pipe.unet.attn_processors[cross + ".processor"], type(None))
-    assert not hasattr(sd_pipe.unet, "_attnreuse_handle")  # nothing was patched
+    after = sd_pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # nothing was patched
+    assert not hasattr(sd_pipe.unet, "_attnreuse_handle")
 
 
 def test_bad_options(sd_pipe):
@@ -60,7 +62,7 @@ def test_bad_options(sd_pipe):
         apply_attention_reuse(sd_pipe, "hurry:4:2", cache_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"mode must be one of \('map', 'qk', 'output', 'auto'\), got 'flash'"):
         apply_attention_reuse(sd_pipe, "hurry:4:2", mode="flash")
-    with pytest.raises(ValueError, match="max_cache_bytes must be a non-negative int, got -1"):
+    with pytest.raises(ValueError, match="max_cache_bytes must be at least 0, got -1"):
         apply_attention_reuse(sd_pipe, "hurry:4:2", max_cache_bytes=-1)
     with pytest.raises(ValueError, match="first step of a schedule must compute"):
         apply_attention_reuse(sd_pipe, [0, 1, 1])
@@ -103,3 +105,27 @@ def test_batch_change_within_a_generation_is_an_error_not_a_wrong_image(sd_pipe)
         unet(x, 900, encoder_hidden_states=context)
         with pytest.raises(RuntimeError, match="changed within one generation"):
             unet(torch.randn(4, 4, 16, 16), 800, encoder_hidden_states=torch.randn(4, 77, 32))
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(layers=5), TypeError, "layers must be a layer name, a pattern or a list of them, got int"),
+    (dict(layers=[]), ValueError, r"layers=\[\] selects no layer"),
+    (dict(layers=["up_blocks.*", 3]), TypeError, "layers holds 3"),
+    (dict(max_cache_bytes=True), TypeError, "max_cache_bytes must be a whole number, got True"),
+    (dict(max_cache_bytes=2.5), TypeError, "max_cache_bytes must be a whole number"),
+    (dict(kernels="yes"), TypeError, "kernels must be True or False"),
+    (dict(cache_dtype="float16"), ValueError, "cache_dtype must be a floating torch.dtype"),
+])
+def test_options_of_the_wrong_type_are_named(sd_pipe, options, error, message):
+    with pytest.raises(error, match=message):
+        apply_attention_reuse(sd_pipe, "hurry:4:2", **options)
+    assert not hasattr(sd_pipe.unet, "_attnreuse_handle")
+
+
+def test_numpy_integers_are_whole_numbers(sd_pipe):
+    import numpy as np
+
+    with apply_attention_reuse(sd_pipe, Schedule.hurry(np.int64(STEPS), np.int32(2)),
+                               max_cache_bytes=np.int64(2**30)) as handle:
+        assert handle.config.max_cache_bytes == 2**30 and len(handle.config.schedule) == STEPS
+        run(sd_pipe)

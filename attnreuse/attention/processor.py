@@ -96,7 +96,7 @@ class ReuseAttnProcessor:
     def __init__(self, name: str, original, tracker: StepTracker, cache: LayerCache, mode: str = MAP,
                  cross: bool = False, cache_dtype=None, kernels: bool = True, threads: CoreThreads | None = None):
         self.name, self.original, self.tracker, self.cache = name, original, tracker, cache
-        self.mode = OUTPUT if mode == OUTPUT else CROSS if cross else mode
+        self.mode = CROSS if cross else mode  # cross-attention is the exact cross cache in every mode
         self.cache_dtype, self.kernels, self.threads = cache_dtype, kernels, threads
         self.conventions = Conventions(original)
         params = inspect.signature(original.__call__).parameters
@@ -175,11 +175,11 @@ class ReuseAttnProcessor:
         return out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), attn_map, factor
 
     def _reuse(self, attn, x, text, mask, slot: Slot):
+        self._check(slot, attn.heads, x, text)
         if slot.kind == OUTPUT or (slot.kind == CROSS and not self.cache.context_changed):
             return slot.output
         value = split(attn, attn.to_v(text))
         if slot.kind == MAP:
-            self._check(slot.attn_map, value, x)
             b, h, k, d = value.shape
             if self.kernels and kernel_ok("reuse", value, d, slot.attn_map.dtype):
                 factor = 1.0 if slot.unscale is None else slot.unscale
@@ -190,12 +190,19 @@ class ReuseAttnProcessor:
         scale = self.conventions.scale(attn, slot.query)
         return merge(attn, _sdpa(attn, slot.query, slot.key, value, mask, scale))
 
-    def _check(self, attn_map, value, x):
-        b, h, k, _ = value.shape
-        if attn_map.shape != (b * h, x.shape[1], k):
+    def _check(self, slot: Slot, heads: int, x, text):
+        """A reuse call must see the batch and tokens the store call kept: else the kept tensors would broadcast or
+        fail inside torch."""
+        if slot.kind == MAP:
+            kept = (slot.attn_map.shape[0] / heads, slot.attn_map.shape[1], slot.attn_map.shape[2])
+        elif slot.kind == OUTPUT:
+            kept = (slot.output.shape[0], slot.output.shape[1], text.shape[1])
+        else:
+            kept = (slot.query.shape[0], slot.query.shape[2], slot.key.shape[2])
+        if kept != (x.shape[0], x.shape[1], text.shape[1]):
             raise RuntimeError(
-                f"attnreuse: layer {self.name!r} cached a map of shape {tuple(attn_map.shape)} (batch*heads, queries, "
-                f"keys) but call {self.tracker.call} has batch*heads={b * h}, queries={x.shape[1]}, keys={k}. The "
-                "batch or resolution changed within one generation (e.g. CFG run as separate calls); reset the "
-                "handle between such calls."
+                f"attnreuse: layer {self.name!r} kept (batch, queries, keys) = {tuple(int(n) for n in kept)} at its "
+                f"store call but call {self.tracker.call} has {(x.shape[0], x.shape[1], text.shape[1])}. The batch or "
+                "resolution changed within one generation (e.g. CFG run as separate calls); run each as its own "
+                "generation (handle.generation()) or reset the handle between such calls."
             )

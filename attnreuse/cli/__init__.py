@@ -7,13 +7,21 @@ import time
 STARTED = time.perf_counter()  # for the "total" that `generate` prints (interpreter start-up not included)
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
+# the libraries' notices about optional packages and their loading bars are not the command's output
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 from . import analyze, bench, default_model, evaluate, generate, search  # noqa: E402
+from .checks import UsageError  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
 _GROUPS = (generate, search, evaluate, analyze, bench, default_model)
+_EXTRAS = ("torchmetrics", "matplotlib", "psutil", "accelerate")  # what the tools need beyond the engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +40,29 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     args.started = STARTED
+    _quiet_loading()
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except UsageError as err:  # checked before any work: one line; anything else keeps its traceback
         print(f"attnreuse: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        if err.name not in _EXTRAS:
+            raise
+        print(f"attnreuse: error: `attnreuse {args.command}` needs {err.name}: pip install 'attnreuse[eval]'",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnreuse: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_loading() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .. import analysis
 from ..default_model.splits import EVALUATION
-from .common import add_model_options, pipeline, prompts
+from . import checks
+from .checks import UsageError
+from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_analyze"]
 
@@ -20,7 +22,17 @@ def register(sub) -> None:
     analyze.set_defaults(func=run_analyze)
 
 
+def check_analyze(args) -> None:
+    check_model_options(args, args.count)
+    checks.at_least(args.count, "--count", 1)
+    if args.steps < (4 if args.kind == "sensitivity" else 2):
+        raise UsageError(f"--steps: the {args.kind} analysis needs at least {4 if args.kind == 'sensitivity' else 2} "
+                         f"steps, got {args.steps}.")
+    checks.writable_dir(args.out, "--out")
+
+
 def run_analyze(args) -> int:
+    check_analyze(args)
     pipe, guidance = pipeline(args)
     chosen = prompts(args, args.count, seed=EVALUATION)
     run = getattr(analysis, args.kind)

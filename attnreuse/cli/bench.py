@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench import PAPER_PHAST_DDIM20, bench, markdown, quality
+from ..bench import PAPER_PHAST_DDIM20, VARIANTS, bench, markdown, quality
+from ..bench.models import RESOLUTION
 from ..default_model.splits import EVALUATION
+from ..testing import ARCHS
 from ..utils import atomic_write, read_json, write_json
+from . import checks
+from .checks import UsageError
 from .common import default_device, load_model, prompts
 
 __all__ = ["register", "run_bench"]
@@ -49,6 +53,44 @@ def _modes(text: str) -> tuple[str, ...]:
     return () if text == "none" else tuple(text.split(","))
 
 
+def _numbers(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: a comma list of whole numbers.") from None
+    for value in values:
+        checks.at_least(value, name, 1)
+    return values
+
+
+def check_bench(args) -> tuple[list[str], list[int], tuple, tuple | None]:
+    """Every argument of `bench`, before anything is built: architectures, batches, modes and the rest."""
+    checks.device(args.device)
+    archs = [a for a in args.arch.split(",") if a]
+    unknown = [a for a in archs if a not in RESOLUTION and a not in ARCHS]
+    if not archs or unknown:
+        raise UsageError(f"--arch {args.arch!r}: choose from {sorted(RESOLUTION)} (or {sorted(ARCHS)}).")
+    batches = _numbers(args.batch, "--batch")
+    modes, e2e = _modes(args.modes), None if args.e2e_modes is None else _modes(args.e2e_modes)
+    bad = [m for m in (*modes, *(e2e or ())) if m not in VARIANTS]
+    if bad:
+        raise UsageError(f"Unknown bench mode(s) {bad}; choose from {sorted(VARIANTS)}.")
+    if (e2e is None and modes or e2e) and any(b % 2 for b in batches):
+        raise UsageError("--batch: the end-to-end loop runs both CFG branches in one batch, so batches must be even "
+                         "(or pass --e2e-modes none).")
+    for name in ("repeats", "e2e_repeats", "count"):
+        checks.at_least(getattr(args, name), f"--{name.replace('_', '-')}", 1)
+    checks.image_size(args.size)
+    checks.finite(args.max_cache, "--max-cache", minimum=0)
+    if args.dtype not in (None, "float16", "bfloat16", "float32"):
+        raise UsageError(f"--dtype {args.dtype!r}: choose float16, bfloat16 or float32.")
+    if args.schedule:
+        checks.schedule(args.schedule, len(args.schedule), name="--schedule")
+    checks.model(args.model)
+    checks.writable_dir(args.out, "--out")
+    return archs, batches, modes, e2e
+
+
 def _quality(args, out: Path) -> int:
     from ..default_model import DEFAULT_GUIDANCE
 
@@ -68,18 +110,31 @@ def _quality(args, out: Path) -> int:
     return 0
 
 
+def _earlier_results(path: Path) -> list:
+    """The results a previous run appended to bench.json, which this run appends to."""
+    if not path.exists():
+        return []
+    try:
+        results = read_json(path, "bench results")
+    except ValueError as err:
+        raise UsageError(f"{err} Move it away to start a new one.") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "setup" in r for r in results):
+        raise UsageError(f"bench results {path}: not a list of bench results; move it away to start a new one.")
+    return results
+
+
 def run_bench(args) -> int:
     """`bench` for each architecture and batch: markdown tables printed, appended to OUT/bench.json."""
+    archs, batches, modes, e2e = check_bench(args)
     out = Path(args.out)
     if args.quality:
         return _quality(args, out)
     path = out / "bench.json"
-    results = read_json(path, "bench results") if path.exists() else []
-    for arch in args.arch.split(","):
-        for batch in (int(x) for x in args.batch.split(",")):
-            e2e = None if args.e2e_modes is None else _modes(args.e2e_modes)
+    results = _earlier_results(path)
+    for arch in archs:
+        for batch in batches:
             repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
-            result = bench(arch, batch, args.device, args.dtype, _modes(args.modes), repeats, args.e2e_repeats,
+            result = bench(arch, batch, args.device, args.dtype, modes, repeats, args.e2e_repeats,
                            args.schedule or PAPER_PHAST_DDIM20, args.compile, e2e, args.size,
                            None if args.max_cache is None else int(args.max_cache * 2**30))
             print(markdown([result]), flush=True)

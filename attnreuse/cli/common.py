@@ -10,8 +10,10 @@ from ..default_model import DEFAULT_GUIDANCE, load_default_pipeline
 from ..default_model.splits import captions
 from ..testing import ARCHS, build_pipeline
 from ..utils import SAMPLERS, load_pipeline, use_sampler
+from . import checks
+from .checks import UsageError
 
-__all__ = ["default_device", "add_model_options", "load_model", "pipeline", "prompts"]
+__all__ = ["default_device", "add_model_options", "check_model_options", "load_model", "pipeline", "prompts"]
 
 
 def default_device() -> str:
@@ -30,13 +32,29 @@ def add_model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def check_model_options(args, prompts_needed: int = 0) -> None:
+    """The shared options: a model and device this machine can use, steps, guidance, and a prompt file with enough
+    lines (or the shipped model, whose captions need none)."""
+    checks.model(args.model)
+    checks.device(args.device)
+    checks.at_least(args.steps, "--steps", 1)
+    checks.finite(args.guidance, "--guidance", minimum=0)
+    if args.prompts:
+        checks.prompt_lines(args.prompts, prompts_needed)
+    elif args.model is not None and prompts_needed:
+        raise UsageError("A model other than the default one needs --prompts FILE (one prompt per line).")
+
+
 def load_model(model: str | None, device: str, dtype: torch.dtype = torch.float32):
     """The shipped default model (None), a local architecture with random weights, or a diffusers path / hub id."""
     if model is None:
         return load_default_pipeline(device=device)
     if model in ARCHS:
         return build_pipeline(model, dtype=dtype, device=device)
-    return load_pipeline(model, device, dtype)
+    try:
+        return load_pipeline(model, device, dtype)
+    except (OSError, ValueError) as err:  # not found, offline, not a pipeline: what the user named cannot load
+        raise UsageError(f"--model {model} cannot be loaded: {err}") from None
 
 
 def pipeline(args):
@@ -51,8 +69,7 @@ def prompts(args, count: int, seed: int, skip: int = 0) -> list[str]:
     """`--prompts FILE` (one per line, from line `skip` on), else `count` captions of the shapes grammar from the
     default model's split of `seed` (half with two shapes); image i gets seed i."""
     if args.prompts:
-        with open(args.prompts) as f:
-            return [line.strip() for line in f if line.strip()][skip:skip + count]
+        return checks.prompt_lines(args.prompts, 0)[skip:skip + count]
     if args.model is None:
         return captions(count, seed)
-    raise ValueError("A model other than the default one needs --prompts FILE (one prompt per line).")
+    raise UsageError("A model other than the default one needs --prompts FILE (one prompt per line).")

@@ -4,7 +4,10 @@ card's measurements)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from . import checks
+from .checks import UsageError
 from .common import default_device
 
 __all__ = ["register", "run_train", "run_evaluate"]
@@ -41,21 +44,54 @@ def register(sub) -> None:
     ev.set_defaults(func=run_evaluate)
 
 
+def check_train(args) -> None:
+    checks.device(args.device)
+    for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every"):
+        checks.at_least(getattr(args, name), f"--{name.replace('_', '-')}", 1)
+    checks.finite(args.unet_lr, "--unet-lr", above=0)
+    checks.finite(args.unet_minutes, "--unet-minutes", above=0)
+    checks.writable_dir(args.out, "--out")
+
+
 def run_train(args) -> int:
     from ..default_model.train import train_default
 
+    check_train(args)
     budget = None if args.unet_minutes is None else 60 * args.unet_minutes
-    path = train_default(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
-                         device=args.device, checkpoint_every=args.checkpoint_every, unet_budget_s=budget)
+    try:
+        path = train_default(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                             vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
+                             device=args.device, checkpoint_every=args.checkpoint_every, unet_budget_s=budget)
+    except ValueError as err:  # a checkpoint for another setup, or damaged: named, with how to start over
+        raise UsageError(str(err)) from None
     print(f"trained model written to {path}; evaluate it with `attnreuse evaluate-default --model {path}`")
     return 0
+
+
+def check_evaluate(args) -> list[float]:
+    """Every argument of `evaluate-default`; returns the guidance scales to sweep."""
+    checks.device(args.device)
+    if args.model is not None:
+        checks.model(args.model)
+        if not (Path(args.model) / "model_index.json").is_file():
+            raise UsageError(f"--model {args.model}: not a trained model folder (no model_index.json).")
+    checks.at_least(args.count, "--count", 1)
+    checks.at_least(args.steps, "--steps", 1)
+    checks.finite(args.guidance, "--guidance", minimum=0)
+    checks.writable_dir(args.out, "--out")
+    try:
+        sweep = [float(g) for g in args.sweep.split(",")] if args.sweep else []
+    except ValueError:
+        raise UsageError(f"--sweep {args.sweep!r}: a comma list of guidance scales.") from None
+    for scale in sweep:
+        checks.finite(scale, "--sweep", minimum=0)
+    return sweep
 
 
 def run_evaluate(args) -> int:
     from ..default_model.evaluate import evaluate_default
 
-    sweep = [float(g) for g in args.sweep.split(",")] if args.sweep else ()
+    sweep = check_evaluate(args)
     metrics = evaluate_default(args.model, count=args.count, steps=args.steps, guidance=args.guidance,
                                device=args.device, out=args.out, card=args.card, sweep=sweep)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("passed", "prompts")}

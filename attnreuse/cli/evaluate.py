@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..default_model.splits import CALIBRATION, EVALUATION
+from ..eval.methods import check_spec
 from ..eval.metrics import load_extra_metrics
 from ..eval.report import write_report
 from ..eval.runner import PRESETS, merge_runs, run_methods, summarize
 from ..utils import GenerationSetup
-from .common import add_model_options, pipeline, prompts
+from . import checks
+from .checks import UsageError
+from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_eval"]
 
@@ -38,20 +41,39 @@ def register(sub) -> None:
     ev.set_defaults(func=run_eval)
 
 
+def check_eval(args) -> tuple[list[str], dict]:
+    """Every argument of `eval`, before the model loads: the methods and the opt-in metrics' files."""
+    methods = [m.strip() for item in args.methods.split(",") for m in PRESETS.get(item, item).split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods is empty.")
+    check_model_options(args, args.count)
+    for name, minimum in (("count", 1), ("repeats", 1), ("calibration", 0)):
+        checks.at_least(getattr(args, name), f"--{name}", minimum)
+    try:
+        for spec in methods:
+            check_spec(spec, args.steps)
+        extra = load_extra_metrics(args.clip_model, args.lpips, args.fid)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    if any(m.startswith("phast:") for m in methods) and args.calibration < 1:
+        raise UsageError("phast:R searches on calibration prompts: --calibration must be at least 1.")
+    checks.writable_dir(args.out, "--out")
+    return methods, extra
+
+
 def run_eval(args) -> int:
     """Every method on the same prompts and seeds against `full`; JSON, markdown, Pareto plot and grid. Started
     by `accelerate launch` (or torchrun), the prompts are split between the processes and merged into one report."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    extra = load_extra_metrics(args.clip_model, args.lpips, args.fid)  # a missing weights file stops it here
+    methods, extra = check_eval(args)
     state = PartialState(cpu=args.device == "cpu")
     if state.num_processes > 1 and args.device != "cpu":
         args.device = str(state.device)
     pipe, guidance = pipeline(args)
     evaluated = prompts(args, args.count, seed=EVALUATION)
     setup = GenerationSetup(pipe, evaluated, None, args.steps, guidance)
-    methods = [m for item in args.methods.split(",") for m in PRESETS.get(item, item).split(",")]
     # phast:R searches on the calibration split (or the prompt file's lines after the evaluated ones), less any
     # prompt evaluated here
     calibration = [p for p in prompts(args, args.calibration, seed=CALIBRATION, skip=args.count) if p not in evaluated]

@@ -9,8 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..reuse import apply_attention_reuse
-from ..schedule import Schedule, as_schedule
-from ..utils import SAMPLERS, device_name, generators, psnr, timed, to_uint8, use_sampler, write_json
+from ..schedule import Schedule
+from ..utils import SAMPLERS, device_name, generators, psnr, save_image, timed, use_sampler, write_json
+from . import checks
+from .checks import UsageError
 from .common import default_device, load_model, pipeline
 
 __all__ = ["register", "run_generate", "run_speed"]
@@ -59,11 +61,28 @@ def register(sub) -> None:
     speed.set_defaults(func=run_speed)
 
 
+def _check_common(args) -> None:
+    checks.model(args.model)
+    checks.device(args.device)
+    checks.at_least(args.steps, "--steps", 1)
+    checks.finite(args.guidance, "--guidance", minimum=0)
+    checks.image_size(args.size)
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}.")
+
+
+def check_generate(args) -> Schedule:
+    """Every argument of `generate`, before the model loads; returns the schedule."""
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty.")
+    _check_common(args)
+    checks.writable_file(args.output, "-o/--output", checks.IMAGE_SUFFIXES)
+    return checks.schedule(args.schedule or f"hurry:{args.steps // 2}", args.steps, args.sampler)
+
+
 def run_generate(args) -> int:
     """One prompt with and without reuse on the default model (or any diffusers model); times both."""
-    from PIL import Image
-
-    schedule = as_schedule(args.schedule or f"hurry:{args.steps // 2}", num_steps=args.steps)  # fail fast
+    schedule = check_generate(args)
     pipe, guidance = pipeline(args)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np")
     if args.size:
@@ -73,14 +92,16 @@ def run_generate(args) -> int:
         return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images[0]
 
     full, full_s = timed(run, args.device)
-    with apply_attention_reuse(pipe, schedule):
+    with apply_attention_reuse(pipe, schedule) as handle:
         image, reuse_s = timed(run, args.device)
+        ran = Schedule(handle.stats()["schedule"])  # moved by timestep where it was made for another step count
     full_path = args.output.rsplit(".", 1)[0] + ".full.png"
-    Image.fromarray(to_uint8(image)).save(args.output)
-    Image.fromarray(to_uint8(full)).save(full_path)
+    save_image(image, args.output)
+    save_image(full, full_path)
     print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}")
     print(f"  no reuse {full_s:.3f} s -> {full_path}")
-    print(f"  reuse    {reuse_s:.3f} s -> {args.output}   schedule {schedule} ({schedule.num_reuse} reuse), "
+    moved = f", moved from {schedule}" if ran != schedule else ""
+    print(f"  reuse    {reuse_s:.3f} s -> {args.output}   schedule {ran} ({ran.num_reuse} reuse{moved}), "
           f"{full_s / reuse_s:.2f}x, PSNR vs no reuse {psnr(image, full):.1f} dB")
     if args.model is None:
         _check_faithfulness(image, args.prompt)
@@ -98,11 +119,20 @@ def _check_faithfulness(image, prompt: str) -> None:
     print(f"  faithfulness check of the reuse image: {verdict}")
 
 
+def check_speed(args) -> Schedule:
+    """Every argument of `speed`, before the model loads; returns the schedule."""
+    _check_common(args)
+    checks.at_least(args.repeats, "--repeats", 1)
+    if args.json:
+        checks.writable_file(args.json, "--json", (".json",))
+    return checks.schedule(args.schedule or f"hurry:{args.steps}:{args.reuse}", args.steps, args.sampler)
+
+
 def run_speed(args) -> int:
     """Generate with and without reuse, interleaved in one process, and print medians, ratio and PSNR."""
+    schedule = check_speed(args)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = use_sampler(load_model(args.model, args.device, dtype), args.sampler)
-    schedule = as_schedule(args.schedule) if args.schedule else Schedule.hurry(args.steps, args.reuse)
     size = args.size or getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
                   output_type="np")
@@ -110,25 +140,25 @@ def run_speed(args) -> int:
     def generate():
         return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images
 
-    apply_attention_reuse(pipe, schedule).remove()  # validate the schedule against the model before timing
+    apply_attention_reuse(pipe, schedule).remove()  # the schedule against the model's layers, before timing
     times, images, peak = {"full": [], "reuse": []}, {}, 0
     for i in tqdm(range(args.repeats + 1), desc="speed (first round is warm-up)", disable=args.quiet):
         for mode in ("full", "reuse"):
             handle = apply_attention_reuse(pipe, schedule) if mode == "reuse" else None
             images[mode], seconds = timed(generate, args.device)
             if handle is not None:
-                peak = handle.stats()["peak_cache_bytes"]
+                peak, ran = handle.stats()["peak_cache_bytes"], Schedule(handle.stats()["schedule"])
                 handle.remove()
             if i > 0:
                 times[mode].append(seconds)
     full, reuse = median(times["full"]), median(times["reuse"])
     result = {"model": args.model, "device": device_name(args.device), "dtype": args.dtype, "sampler": args.sampler,
-              "steps": args.steps, "schedule": str(schedule), "size": size, "guidance": args.guidance,
+              "steps": args.steps, "schedule": str(ran), "size": size, "guidance": args.guidance,
               "repeats": args.repeats, "full_s": full, "reuse_s": reuse, "speedup": full / reuse,
               "psnr_db": psnr(images["reuse"], images["full"]), "peak_cache_mib": peak / 2**20,
               "full_times_s": times["full"], "reuse_times_s": times["reuse"]}
     print(f"{result['device']}, {args.model}, {args.sampler} {args.steps} steps, {size}x{size}, {args.dtype}")
-    print(f"schedule {schedule} ({schedule.num_reuse} reuse steps), median of {args.repeats} interleaved runs:")
+    print(f"schedule {ran} ({ran.num_reuse} reuse steps), median of {args.repeats} interleaved runs:")
     print(f"  no reuse   {full:8.3f} s")
     print(f"  reuse      {reuse:8.3f} s   speed-up {result['speedup']:.2f}x   "
           f"PSNR vs no reuse {result['psnr_db']:.1f} dB   peak map cache {result['peak_cache_mib']:.1f} MiB")

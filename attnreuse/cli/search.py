@@ -7,8 +7,11 @@ from pathlib import Path
 
 from ..default_model.splits import CALIBRATION, EVALUATION
 from ..search import Evaluator, named_schedules, search_schedule
-from ..utils import GenerationSetup, atomic_write, write_json
-from .common import add_model_options, pipeline, prompts
+from ..search.phast import EXHAUSTIVE_MAX_STEPS
+from ..utils import GenerationSetup, atomic_write, read_json, write_json
+from . import checks
+from .checks import UsageError
+from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_search", "run_compare"]
 
@@ -37,13 +40,47 @@ def register(sub) -> None:
     compare.set_defaults(func=run_compare)
 
 
+def _check_reuse(args) -> None:
+    if not 0 <= args.reuse < args.steps:
+        raise UsageError(f"--reuse must be from 0 to --steps - 1 (the first step computes), got {args.reuse} with "
+                         f"--steps {args.steps}.")
+
+
+def check_search(args) -> Path:
+    """Every argument of `search`, before the model loads; returns the state file."""
+    check_model_options(args, args.calibration)
+    checks.at_least(args.calibration, "--calibration", 1)
+    checks.finite(args.epsilon, "--epsilon", minimum=0)
+    _check_reuse(args)
+    if args.exhaustive and args.steps > EXHAUSTIVE_MAX_STEPS:
+        raise UsageError(f"--exhaustive is for --steps <= {EXHAUSTIVE_MAX_STEPS}; {args.steps} steps would take too "
+                         "long. Leave --exhaustive out to run PHAST.")
+    checks.writable_file(args.out, "--out", (".json",))
+    state = Path(args.state) if args.state else Path(args.out).with_suffix(".state.json")
+    checks.writable_file(state, "--state", (".json",))
+    if state.exists() and not isinstance(_read(state, "--state"), dict):
+        raise UsageError(f"--state {state}: not a search state file; delete it to start over.")
+    return state
+
+
+def _read(path, name: str):
+    try:
+        return read_json(path, f"{name} file")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def run_search(args) -> int:
     """PHAST (or exhaustive) search on a calibration set; writes the schedule JSON and a summary."""
+    state = check_search(args)
     pipe, guidance = pipeline(args)
     setup = GenerationSetup(pipe, prompts(args, args.calibration, seed=CALIBRATION), None, args.steps, guidance)
     out = Path(args.out)
-    state = Path(args.state) if args.state else out.with_suffix(".state.json")
-    schedule = search_schedule(setup, args.reuse, args.epsilon, args.exhaustive, state, progress=True,
+    try:
+        evaluator = Evaluator(setup, state_file=state, progress=True)
+    except ValueError as err:  # the state file is for another setup or damaged
+        raise UsageError(str(err)) from None
+    schedule = search_schedule(evaluator, args.reuse, args.epsilon, args.exhaustive,
                                model=args.model or "attnreuse default model", sampler=args.sampler,
                                calibration_seed=CALIBRATION)
     schedule.to_json(out, indent=1)
@@ -57,13 +94,35 @@ def run_search(args) -> int:
     return 0
 
 
+def check_compare(args) -> list[str]:
+    """Every argument of `compare`, before the model loads; returns the schedule names."""
+    check_model_options(args, args.count)
+    checks.at_least(args.count, "--count", 1)
+    _check_reuse(args)
+    checks.writable_dir(args.out, "--out")
+    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--schedules is empty.")
+    for name in names:
+        if name in ("hurry", "early"):
+            continue
+        if name.startswith("random"):
+            count = name.partition(":")[2] or "1"
+            if not count.isdigit() or int(count) < 1:
+                raise UsageError(f"--schedules {name}: random:K needs a whole number K >= 1.")
+            continue
+        checks.schedule(name, args.steps, args.sampler, name="--schedules")
+    return names
+
+
 def run_compare(args) -> int:
     """Mean PSNR vs no reuse of named schedules on held-out prompts and seeds; JSON + markdown table."""
+    names = check_compare(args)
     pipe, guidance = pipeline(args)
     setup = GenerationSetup(pipe, prompts(args, args.count, seed=EVALUATION), None, args.steps, guidance)
     evaluator = Evaluator(setup, progress=True)
     rows = []
-    for name, schedule in named_schedules(args.schedules.split(","), args.steps, args.reuse, evaluator.timesteps):
+    for name, schedule in named_schedules(names, args.steps, args.reuse, evaluator.timesteps):
         rows.append({"strategy": name, "schedule": str(schedule), "reuse_steps": schedule.num_reuse,
                      "psnr_db": evaluator([schedule])[0]})
     out = Path(args.out)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..reuse import apply_attention_reuse
 from ..schedule import Schedule
-from ..utils import GenerationSetup, device_name, image_grid, mean_psnr, write_json
+from ..utils import GenerationSetup, device_name, image_grid, mean_psnr, save_image, write_json
 from . import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, load_default_pipeline
 from .faithfulness import pass_rates
 from .splits import VALIDATION, held_out_captions
@@ -85,7 +85,7 @@ def evaluate_default(model: str | Path | None = None, count: int = 100, steps: i
             metrics["generate_s"] = _generate_seconds(device, out)
         write_json(out / "metrics.json", metrics)
         shown = np.concatenate([images["one_shape"][:16], images["two_shapes"][:16]])
-        image_grid(shown, columns=8, upscale=3).save(out / "grid.png")
+        save_image(image_grid(shown, columns=8, upscale=3), out / "grid.png")
     if card:
         from .card import write_model_card
 

@@ -88,8 +88,8 @@ def _load(path: Path, recipe: Recipe):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: say which and how to start over
-        raise ValueError(f"The checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it (or the "
-                         "whole --out folder) to start over.") from None
+        raise ValueError(f"The checkpoint {path} cannot be read ({type(err).__name__}: damaged, or holding more than "
+                         "tensors and numbers); delete it (or the whole --out folder) to start over.") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"The checkpoint {path} is not a training checkpoint; delete it to start over.")
     if state.get("setup", recipe.setup) != recipe.setup:

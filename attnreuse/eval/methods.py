@@ -25,7 +25,7 @@ from ..schedule import as_schedule
 from ..search import cached_phast
 from ..utils import GenerationSetup, generators
 
-__all__ = ["method", "Run", "PeerUnavailable", "family", "METHODS", "PEERS"]
+__all__ = ["method", "check_spec", "Run", "PeerUnavailable", "family", "METHODS", "PEERS"]
 
 
 class PeerUnavailable(RuntimeError):
@@ -67,6 +67,52 @@ def _import(module: str, package: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise PeerUnavailable(f"{package} is not installed (pip install 'attnreuse[peers]'): {err}") from None
+
+
+# each method's argument: (type, bounds, whether it may be left out); N is the step count. Whole numbers lie within
+# their bounds, numbers strictly between them
+_ARGUMENTS = {"full": None, "fastercache": None, "steps": (int, 1, None, False), "hurry": (int, 0, "N-1", False),
+              "phast": (int, 0, "N-1", False), "deepcache": (int, 1, None, True), "tgate": (int, 1, "N", True),
+              "tome": (float, 0.0, 1.0, True), "pab": (int, 1, None, True), "taylorseer": (int, 1, None, True),
+              "fbc": (float, 0.0, None, True)}
+
+
+def check_spec(spec: str, num_steps: int) -> None:
+    """A ValueError naming what is wrong with a method spec, before anything runs."""
+    name, colon, arg = spec.partition(":")
+    if name not in _ARGUMENTS:
+        try:
+            schedule = as_schedule(spec, num_steps)  # a bit string or a schedule file
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"method {spec!r} is neither a method ({', '.join(_ARGUMENTS)}) nor a schedule: "
+                             f"{err}") from None
+        if schedule.timesteps is None and len(schedule) != num_steps:
+            raise ValueError(f"method {spec!r}: a schedule of {len(schedule)} entries for {num_steps} steps.")
+        return
+    kind = _ARGUMENTS[name]
+    if kind is None:
+        if colon:
+            raise ValueError(f"method {spec!r}: {name} takes no argument.")
+        return
+    cast, low, high, optional = kind
+    if not arg:
+        if optional:
+            return
+        raise ValueError(f"method {spec!r}: {name} needs an argument ({name}:{cast.__name__.upper()}).")
+    try:
+        value = cast(arg)
+    except ValueError:
+        what = "a whole number" if cast is int else "a number"
+        raise ValueError(f"method {spec!r}: {arg!r} is not {what}.") from None
+    high = {"N-1": num_steps - 1, "N": num_steps}.get(high, high)
+    if cast is int:
+        ok = value >= low and (high is None or value <= high)
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+    else:
+        ok = value > low and (high is None or value < high)
+        bounds = f"above {low}" + (f" and below {high}" if high is not None else "")
+    if not ok:
+        raise ValueError(f"method {spec!r}: {name}'s argument must be {bounds}, got {arg}.")
 
 
 @contextmanager

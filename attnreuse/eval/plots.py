@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write, image_grid
+from ..utils import atomic_write, image_grid, save_image
 
 __all__ = ["pyplot", "save_figure", "pareto_plot", "method_grid"]
 
@@ -59,6 +59,5 @@ def method_grid(result: dict, path, columns: int = 6) -> list[str]:
     labels = [s if s == "full" else f"{s}  {rows[s]['latency_ratio']:.2f}x  {rows[s]['psnr_db']:.1f} dB"
               for s in shown]
     tiles = np.concatenate([result["images"][s][:columns] for s in shown])
-    grid = image_grid(tiles, columns=min(columns, len(result["images"]["full"])), labels=labels)
-    atomic_write(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
+    save_image(image_grid(tiles, columns=min(columns, len(result["images"]["full"])), labels=labels), path)
     return labels

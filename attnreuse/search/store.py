@@ -17,13 +17,13 @@ from .phast import exhaustive, phast
 __all__ = ["search_schedule", "schedule_cache_dir", "cached_phast"]
 
 
-def search_schedule(setup: GenerationSetup, reuse_steps: int, epsilon: float = 0.0, exhaustive_search: bool = False,
-                    state_file=None, progress: bool = False, **meta) -> Schedule:
-    """PHAST (or, with `exhaustive_search`, every schedule) on a calibration set: the best schedule with its
-    timesteps and the metadata `attnreuse search` writes (HURRY's PSNR for comparison, the sweeps or the ranking,
-    the search cost)."""
-    evaluator = Evaluator(setup, state_file=state_file, progress=progress)
-    n = setup.num_steps
+def search_schedule(setup: GenerationSetup | Evaluator, reuse_steps: int, epsilon: float = 0.0,
+                    exhaustive_search: bool = False, state_file=None, progress: bool = False, **meta) -> Schedule:
+    """PHAST (or, with `exhaustive_search`, every schedule) on a calibration set (a `GenerationSetup`, or an
+    `Evaluator` of one): the best schedule with its timesteps and the metadata `attnreuse search` writes (HURRY's
+    PSNR for comparison, the sweeps or the ranking, the search cost)."""
+    evaluator = setup if isinstance(setup, Evaluator) else Evaluator(setup, state_file=state_file, progress=progress)
+    n = evaluator.setup.num_steps
     meta = dict(meta, reuse_steps=reuse_steps, hurry_psnr_db=evaluator([Schedule.hurry(n, reuse_steps)])[0])
     if exhaustive_search:
         ranked = exhaustive(evaluator, n, reuse_steps)

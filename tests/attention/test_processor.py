@@ -112,9 +112,10 @@ def test_store_and_reuse_calls_against_written_out_math(case, processor, mode):
             assert not torch.allclose(patched[i], unpatched[i], atol=1e-4)  # and it is not a fresh computation
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"cross"}))
 def test_output_mode_returns_the_stored_attention_output(case):
-    """mode="output": a reuse call returns the store call's to_out(A V); only the residual path is current."""
+    """mode="output": a self-attention reuse call returns the store call's to_out(A V); only the residual path is
+    current."""
     torch.manual_seed(0)
     options, shapes = CASES[case]
     model = OneLayer(**options).eval()
@@ -129,6 +130,26 @@ def test_output_mode_returns_the_stored_attention_output(case):
     for i in (1, 2):
         expected = unpatched * r - residual * calls[0]["hidden_states"] + residual * calls[i]["hidden_states"]
         torch.testing.assert_close(patched[i], expected / r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["output", "map", "qk"])
+def test_cross_attention_stays_exact_when_the_text_changes_in_every_mode(mode):
+    """Cross-attention is the exact cross cache in every mode, output mode included: the store call's output while
+    the text is the same tensor, and A_kept V_new once the text changes (a prompt edited in a callback)."""
+    torch.manual_seed(0)
+    options, shapes = CASES["cross"]
+    model = OneLayer(**options).eval()
+    calls = make_calls(shapes, 3)  # call 1 passes call 0's text object, call 2 a new text
+    with torch.no_grad():
+        with apply_attention_reuse(model, Schedule("100"), mode=mode):
+            patched = [model(**c) for c in calls]
+        x, ctx = [c["hidden_states"] for c in calls], [c["encoder_hidden_states"] for c in calls]
+        mask = calls[0]["attention_mask"]
+        same_text = reference(model.attn, x[0], x[1], ctx[0], ctx[1], mask, scale=model.attn.scale)
+        new_text = reference(model.attn, x[0], x[2], ctx[0], ctx[2], mask, scale=model.attn.scale)
+    torch.testing.assert_close(patched[1], same_text, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(patched[2], new_text, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(patched[2], patched[1], atol=1e-3)  # the new text was not ignored
 
 
 @pytest.mark.parametrize("dtype", MAP_DTYPES[1:], ids=str)

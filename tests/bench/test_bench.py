@@ -12,6 +12,7 @@ from attnreuse.cache import MapMemory
 from attnreuse.cli import main
 
 
+@pytest.mark.slow
 def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
     assert main(["bench", "--arch", "tiny-sd", "--batch", "2", "--repeats", "1", "--e2e-repeats", "1",
                  "--schedule", "101", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -37,6 +38,7 @@ def test_bench_runs_every_mode_and_writes_ratios(tmp_path, capsys):
     assert "Unknown bench mode(s) ['flash']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_skips_maps_beyond_free_cpu_memory_and_runs_them_under_a_budget(tmp_path, monkeypatch):
     """A CPU process whose maps exceed its memory is killed, so the bench names such a mode instead of running it;
     with --max-cache the same mode runs within that budget."""
@@ -69,3 +71,25 @@ def test_bench_end_to_end_times_later_generations_of_a_handle(monkeypatch):
     bench.end_to_end(unet, inputs, ["map"], "1010", 2, torch.device("cpu"))
     assert len(found) == 3 * 2 * layers  # warm-up and two timed generations, two stores per layer each
     assert not any(found[:layers]) and all(found[layers:])
+
+
+def test_a_write_fault_never_loses_earlier_bench_results(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    earlier = [{"setup": {"arch": "earlier run"}}]
+    (out / "bench.json").write_text(json.dumps(earlier))
+    real = Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):  # half the text lands, then the disk is full
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["bench", "--arch", "tiny-sd", "--modes", "map", "--e2e-modes", "none", "--repeats", "1",
+              "--device", "cpu", "--out", str(out)])
+    monkeypatch.undo()
+    assert json.loads((out / "bench.json").read_text()) == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json"]  # no half-written temporary file either

@@ -43,6 +43,7 @@ def test_fixed_seed_gives_the_same_image(pipe):
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.slow
 def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
     """The model draws the named colors, shapes and positions of one-shape captions (94% pass on the held-out
     set, see the model card), and reuse keeps that."""
@@ -61,6 +62,7 @@ def test_end_to_end_with_and_without_reuse_follows_the_captions(pipe):
     assert abs(pass_rates(full, prompts)["pass_rate"] - pass_rates(reused, prompts)["pass_rate"]) <= 0.2
 
 
+@pytest.mark.slow
 def test_evaluation_writes_metrics_grid_and_model_card(tmp_path):
     import shutil
 

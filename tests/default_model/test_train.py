@@ -6,6 +6,8 @@ from safetensors.torch import load_file
 
 import attnreuse.default_model.train as train
 
+pytestmark = pytest.mark.slow
+
 TINY = dict(seed=3, vae_steps=3, unet_steps=3, vae_batch=2, unet_batch=2, checkpoint_every=1, vae_target_psnr=None,
             psnr_images=2)
 
@@ -70,3 +72,36 @@ def test_worker_processes_build_the_same_batches(tmp_path):
     for step, got in zip(range(5, 11), loader):
         for a, b in zip(got, make(step)):
             assert torch.equal(a, b)
+
+
+class _Payload:
+    """What a planted checkpoint could carry: code that runs when the file is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_planted_or_foreign_checkpoint_is_refused_without_running_its_code(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "model": _Payload(str(marker))}, ckpt / "vae.pt")
+    with pytest.raises(ValueError, match=r"vae.pt cannot be read .* delete it"):
+        train.train_default(tmp_path / "run", **TINY)
+    assert not marker.exists()
+    torch.save({"step": 1, "setup": {"seed": 99}}, ckpt / "vae.pt")  # loadable, but from another setup
+    with pytest.raises(ValueError, match="written for another setup"):
+        train.train_default(tmp_path / "run", **TINY)
+
+
+@pytest.mark.parametrize("bad", [dict(vae_steps=0), dict(unet_batch=-1), dict(unet_lr=float("nan")),
+                                 dict(unet_steps=2.5)])
+def test_a_bad_recipe_is_refused_before_any_folder_is_made(tmp_path, bad):
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive"):
+        train.train_default(tmp_path / "run", **{**TINY, **bad})
+    assert not (tmp_path / "run").exists()

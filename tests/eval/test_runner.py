@@ -28,11 +28,12 @@ def test_matched_latency_picks_the_nearest_step_reduced_baseline():
     assert family("taylorseer:5") == "taylorseer"
 
 
+@pytest.mark.slow
 def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys, clip_model, monkeypatch):
     monkeypatch.setenv("ATTNREUSE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "eval"
     assert main(["eval", "--steps", "4", "--count", "2", "--repeats", "1", "--methods",
-                 "full,steps:3,hurry:2,phast:2,tome:x", "--calibration", "2", "--clip-model", str(clip_model),
+                 "full,steps:3,hurry:2,phast:2,fbc:0.05", "--calibration", "2", "--clip-model", str(clip_model),
                  "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -41,13 +42,13 @@ def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys, clip_mod
     assert rows["hurry:2"]["psnr_db"] > rows["steps:3"]["psnr_db"] and 0 < rows["hurry:2"]["ssim"] <= 1
     assert all(len(r["times_s"]) == 1 and r["peak_memory_mib"] >= 0 and 0 <= r["faithfulness"] <= 1
                for r in report["rows"] if "error" not in r)
-    assert "could not convert" in rows["tome:x"]["error"]  # reported with its reason, not dropped
+    assert "does not run on UNet2DConditionModel" in rows["fbc:0.05"]["error"]  # reported with its reason
     assert report["matched"][0]["method"] == "hurry:2" and report["matched"][0]["baseline"] == "steps:3"
     assert report["environment"]["device"].startswith("CPU") and report["environment"]["diffusers"]
     for name in ("eval.md", "pareto.png", "grid.png"):
         assert (out / name).stat().st_size > 0
     markdown = (out / "eval.md").read_text()
-    assert "| tome:x | not run" in markdown and "Matched latency" in capsys.readouterr().out
+    assert "| fbc:0.05 | not run" in markdown and "Matched latency" in capsys.readouterr().out
     # phast:2 searched on captions that are not evaluated, and the report says which schedule it ran
     searched = Schedule.from_json(rows["phast:2"]["schedule_file"])
     assert rows["phast:2"]["schedule"] == "".join(map(str, searched.bits)) and rows["hurry:2"]["schedule"] == "1100"
@@ -57,6 +58,7 @@ def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys, clip_mod
     assert all(r["clip_score"] >= 0 for r in report["rows"] if "error" not in r) and "CLIP score |" in markdown
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_eval_merges_into_one_report(tmp_path):
     """Prompts split across two processes (accelerate's PartialState under torchrun, gloo on CPU) give one report
     with the single-process figures."""
