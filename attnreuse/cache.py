@@ -1,9 +1,11 @@
-"""What each attention layer keeps between a store call and the reuse calls after it.
+"""What each actor keeps between a store call and the reuse calls after it.
 
-One slot per layer holds what its last store call kept (paper sec. 1.2); the batch dimension of a map carries the
-CFG branches, so each branch keeps its own (paper footnote 2). `MapMemory` keeps CPU map memory for the next store
-to write over, `CacheBudget` chooses what each layer keeps under `max_cache_bytes`, and `LayerCounts` say what each
-layer did. `LayerCache` holds them together; the processors write through `put` and read through `get`.
+One slot per attention layer holds what its last store call kept (paper sec. 1.2); the batch dimension of a map
+carries the CFG branches, so each branch keeps its own (paper footnote 2). Wrapped modules keep their output (for a
+branch) or residual (for a blocks unit) under `output_key` and `residual_key`, and the call under `CALL`.
+`MapMemory` keeps CPU map memory for the next store to write over, `CacheBudget` chooses what each attention layer
+keeps under `max_cache_bytes`, and `LayerCounts` say what each layer did. `LayerCache` holds them together; the
+processors and module wrappers write through `put` and read through `get`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,24 @@ from typing import NamedTuple
 
 import torch
 
-from .state import REUSE, STORE
+from .state import REUSE, SKIP, STORE
 
-__all__ = ["MAP", "QK", "OUTPUT", "AUTO", "CROSS", "NONE", "MODES", "Slot", "slot_bytes", "LayerCounts",
-           "MapMemory", "CacheBudget", "LayerCache"]
+__all__ = ["MAP", "QK", "OUTPUT", "AUTO", "CROSS", "NONE", "MODES", "CALL", "Slot", "slot_bytes", "output_key",
+           "residual_key", "LayerCounts", "MapMemory", "CacheBudget", "LayerCache"]
 
 MAP, QK, OUTPUT, AUTO = "map", "qk", "output", "auto"  # what a self-attention layer keeps (`mode=`)
 CROSS, NONE = "cross", "none"  # a cross-attention layer's exact output cache; nothing (the layer computes)
 MODES = (MAP, QK, OUTPUT, AUTO)
 FALLBACK = {MAP: QK, QK: NONE, OUTPUT: NONE, CROSS: NONE}  # what a layer keeps when its choice does not fit
+CALL = "#call"  # the slot of the whole call's output or residual
+
+
+def output_key(module: str) -> str:
+    return module + "#output"
+
+
+def residual_key(module: str) -> str:
+    return module + "#residual"
 
 
 class Slot(NamedTuple):
@@ -32,12 +43,23 @@ class Slot(NamedTuple):
     unscale: float | None = None  # undoes an fp8 map's scale
     query: torch.Tensor | None = None  # (batch, heads, queries, dim)
     key: torch.Tensor | None = None
-    output: torch.Tensor | None = None  # (batch, queries, channels), after to_out
+    output: object = None  # an attention layer's (batch, queries, channels) after to_out; a module's output
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def slot_bytes(slot: Slot) -> int:
-    """Bytes one slot holds."""
-    return sum(t.numel() * t.element_size() for t in slot[1:] if isinstance(t, torch.Tensor))
+    """Bytes one slot holds (tensors inside a module's output included)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(tuple(slot[1:])))
 
 
 @dataclass
@@ -45,6 +67,7 @@ class LayerCounts:
     computed: int = 0  # calls that computed Q K^T (stores included)
     stored: int = 0  # of those, calls that kept something for later reuse
     reused: int = 0  # calls that used the cache
+    skipped: int = 0  # calls at which the layer did not run (inside a reused call, branch or block)
 
 
 class MapMemory:
@@ -112,31 +135,39 @@ class CacheBudget:
 
 
 class LayerCache:
-    """The slots of one handle's layers, their kept memory, budget and counts."""
+    """The slots of one handle's actors: attention layers (in the order of their actions), wrapped modules and the
+    call; their kept memory, budget and counts."""
 
-    def __init__(self, layers: tuple[str, ...], max_cache_bytes: int | None = None):
-        self.layers = layers
+    def __init__(self, layers: tuple[str, ...], modules: tuple[str, ...] = (), max_cache_bytes: int | None = None):
+        self.layers, self.modules = layers, modules
         self.memory = MapMemory()
         self.budget = None if max_cache_bytes is None else CacheBudget(max_cache_bytes)
         self.reset()
 
-    def begin_call(self, action: str, context) -> None:
-        """Before a denoiser call: a store call lets the previous slots go first (so the cache never holds two of a
-        layer, and every store starts from the same empty cache, as a compiled model needs); a reuse call notes
-        whether the text differs from the store call's (cross-attention then recomputes A V)."""
-        version = getattr(context, "_version", -1)
-        if action == STORE:
-            self.slots.clear()
-            self._context = (context, version)
-        self.context_changed = action == REUSE and (context is not self._context[0]
-                                                    or version != self._context[1])
+    def begin_call(self, actions: tuple, drops: tuple[str, ...], context) -> None:
+        """Before a denoiser call: the slots no later call reads before it writes them anew go (`units.slot_drops`),
+        and each attention layer that stores notes the text, each that reuses whether the text differs from its
+        store call's (cross-attention then recomputes A V)."""
+        for key in drops:
+            self.slots.pop(key, None)
+        text = (context, getattr(context, "_version", -1))
+        changed = []
+        for name, action in zip(self.layers, actions):
+            if action == STORE:
+                self._texts[name] = text
+            stored = self._texts.get(name, (None, -1))
+            changed.append(action == REUSE and (context is not stored[0] or text[1] != stored[1]))
+        self.changed = tuple(changed)
         self._before = dict(self.slots)
 
-    def end_call(self, action: str) -> None:
-        """After a denoiser call: count what each layer did, from the slots themselves."""
-        for name in self.layers:
+    def end_call(self, actions: tuple) -> None:
+        """After a denoiser call: count what each attention layer did, from its slot (a layer under a budget may
+        keep nothing and compute at reuse calls)."""
+        for name, action in zip(self.layers, actions):
             slot, counts = self.slots.get(name), self.counts[name]
-            if action == REUSE and slot is not None and slot.kind != NONE:
+            if action == SKIP:
+                counts.skipped += 1
+            elif action == REUSE and slot is not None and slot.kind != NONE:
                 counts.reused += 1
             else:
                 counts.computed += 1
@@ -151,27 +182,27 @@ class LayerCache:
         slot = self.slots.get(name)
         if slot is None:
             raise RuntimeError(
-                f"attnreuse: layer {name!r} must reuse at call {call} but holds no map; the layer did not run at "
-                "the compute call before it. Exclude it with layers=... or check the schedule."
+                f"attnreuse: {name!r} must reuse at call {call} but holds nothing; it did not run at the compute "
+                "call before it. Exclude it from the plan (layers=...) or check the plan."
             )
         return slot
 
     def free(self) -> None:
         self.slots.clear()
-        self._context = (None, -1)
+        self._texts = {}
 
     @property
     def nbytes(self) -> int:
         return sum(slot_bytes(slot) for slot in self.slots.values())
 
     def snapshot(self) -> tuple:
-        """The slots (by reference: maps are never changed in place from then on) and the store call's text."""
+        """The slots (by reference: maps are never changed in place from then on) and the store calls' texts."""
         self.memory.recycle, self.memory.buffers = False, {}
-        return dict(self.slots), self._context
+        return dict(self.slots), dict(self._texts)
 
     def restore(self, snapshot: tuple) -> None:
-        slots, self._context = snapshot
-        self.slots = dict(slots)
+        slots, texts = snapshot
+        self.slots, self._texts = dict(slots), dict(texts)
 
     def reset(self) -> None:
         """Forget the slots, their kept memory, the budget's choices, the counts and the peak."""
@@ -180,5 +211,5 @@ class LayerCache:
         if self.budget is not None:
             self.budget.reset()
         self.counts = {name: LayerCounts() for name in self.layers}
-        self.peak_bytes, self.context_changed = 0, False
-        self._context, self._before = (None, -1), {}
+        self.peak_bytes, self.changed = 0, ()
+        self._texts, self._before = {}, {}

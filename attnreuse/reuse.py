@@ -1,8 +1,9 @@
-"""`apply_attention_reuse`: attach a reuse schedule to a diffusers pipeline or model, and take it off again.
+"""`apply_reuse`: attach a reuse plan (or the paper's schedule) to a diffusers pipeline or model, and take it off.
 
-Shaped like diffusers' cache hooks (`apply_pyramid_attention_broadcast`): a frozen config dataclass, one
-`apply_*` function, and a small stateful handle with `reset`. Processors are swapped with diffusers'
-own `set_attn_processor` on the instance; nothing else in the model is touched.
+Shaped like diffusers' cache hooks (`apply_pyramid_attention_broadcast`): a frozen config dataclass, one `apply_*`
+function, and a small stateful handle with `reset`. Attention processors are swapped with diffusers' own
+`set_processor`, and the forwards of the modules a plan reuses are wrapped on their instances; `remove` restores
+both exactly. `apply_attention_reuse` is the same function under its first name.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ import torch
 from .attention import SUPPORTED_PROCESSORS, ReuseAttnProcessor, check_kernels
 from .attention.cpu_store import CoreThreads
 from .cache import AUTO, MAP, MODES, LayerCache, slot_bytes
-from .schedule import Schedule, as_schedule, whole_number
+from .plan import Plan, plan_or_schedule
+from .schedule import Schedule, whole_number
 from .state import StepTracker
+from .units import Layout, branch_layers, resolve, slot_drops
+from .wrappers import CallForward, ModuleForward
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper", "apply_attention_reuse",
-           "attention_layers"]
+__all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper", "apply_reuse",
+           "apply_attention_reuse", "attention_layers"]
 
 _ATTENTION_KINDS = ("all", "self", "cross")
 _HANDLE_ATTR = "_attnreuse_handle"
 _END_OF_CALL = "maybe_free_model_hooks"  # every diffusers pipeline calls it once, at the end of __call__
+_BLOCK_CLASSES = ("Transformer2DModel",)  # transformer blocks whose residual a blocks unit reuses
 
 
 @dataclass(frozen=True)
@@ -37,17 +42,17 @@ class AttentionReuseConfig:
     """What to reuse, and when.
 
     Args:
-        schedule (`Schedule`, list of 0/1, or str): 1 = compute, 0 = reuse, one entry per denoiser call, or per
-            sampler step for samplers that call the model twice a step (expanded, see `Schedule.expand`).
-            Strings: ``"110010"``, ``"hurry:N:R"``, or a path to a JSON file.
-        layers (`tuple[str]`, *optional*, defaults to all): layer names or glob patterns, e.g.
+        schedule (`Plan`, `Schedule`, list of 0/1, or str): a plan (see `attnreuse.Plan`), or the paper's schedule:
+            1 = compute, 0 = reuse, one entry per denoiser call, or per sampler step for samplers that call the
+            model twice a step. Strings: ``"110010"``, ``"hurry:N:R"``, or a path to a schedule or plan JSON.
+        layers (`tuple[str]`, *optional*, defaults to all): for a schedule, layer names or glob patterns, e.g.
             ``"up_blocks.3.*"`` or ``"mid_block.attentions.0.transformer_blocks.0.attn1"``. Each must match.
-        attention (`str`, *optional*, defaults to ``"all"``): ``"all"``, ``"self"`` or ``"cross"`` layers.
-        mode (`str`, *optional*, defaults to ``"map"``): what a self-attention layer keeps for its reuse calls.
-            ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding, recomputed by flash
-            attention at reuse; memory linear in tokens). ``"output"``: the attention output itself (PAB-style
-            broadcast, not the paper's method). ``"auto"``: the map where it is small, else Q and K.
-            Cross-attention is an exact output cache in every mode.
+        attention (`str`, *optional*, defaults to ``"all"``): for a schedule, ``"all"``, ``"self"`` or ``"cross"``.
+        mode (`str`, *optional*, defaults to ``"map"``): for a schedule, what a self-attention layer keeps for its
+            reuse calls. ``"map"``: A, the paper's method. ``"qk"``: Q and K (the same A up to rounding,
+            recomputed by flash attention at reuse; memory linear in tokens). ``"output"``: the attention output
+            itself (PAB-style broadcast, not the paper's method). ``"auto"``: the map where it is small, else Q and
+            K. Cross-attention is an exact output cache in every mode.
 
     Args to tinker with:
         cache_dtype (`torch.dtype`, *optional*, defaults to the model's dtype): dtype the maps are kept in
@@ -55,14 +60,15 @@ class AttentionReuseConfig:
             small probabilities survive). On a CPU with AMX, ``torch.bfloat16`` also makes reuse calls faster.
             With a 16-bit map in another dtype than the model's, a store call's output is the kept map times V,
             as a reuse computes it.
-        max_cache_bytes (`int`, *optional*): the cache, with the map memory kept for the next store, never holds
-            more. A layer whose choice would not fit beside the layers before it keeps something smaller (map ->
-            Q and K) or nothing (it then computes at reuse calls), chosen at its first store from shapes alone.
+        max_cache_bytes (`int`, *optional*): the attention cache, with the map memory kept for the next store,
+            never holds more. A layer whose choice would not fit beside the layers before it keeps something
+            smaller (map -> Q and K) or nothing (it then computes at reuse calls), chosen at its first store from
+            shapes alone. What modules keep for a plan's branch, blocks and call units is not counted.
         kernels (`bool`, *optional*, defaults to `True`): use the Triton store and reuse kernels where they pass
             their check on this GPU; `False` runs plain torch (to measure one against the other).
     """
 
-    schedule: Schedule
+    schedule: Plan | Schedule
     layers: tuple[str, ...] | None = None
     attention: str = "all"
     cache_dtype: torch.dtype | None = None
@@ -71,7 +77,7 @@ class AttentionReuseConfig:
     kernels: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        object.__setattr__(self, "schedule", plan_or_schedule(self.schedule))  # validated now, not at apply
         object.__setattr__(self, "layers", _layer_patterns(self.layers))
         if self.attention not in _ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}.")
@@ -113,7 +119,7 @@ def _find_model(target):
         if isinstance(model, torch.nn.Module):
             return model, (lambda: getattr(target, "scheduler", None))  # looked up per call: users swap schedulers
     raise TypeError(
-        f"apply_attention_reuse needs a diffusers pipeline with a `unet` or `transformer`, or a model; "
+        f"apply_reuse needs a diffusers pipeline with a `unet` or `transformer`, or a model; "
         f"got {type(target).__name__}."
     )
 
@@ -128,17 +134,15 @@ def attention_layers(target) -> dict[str, str]:
     return {n: "cross" if getattr(model.get_submodule(n), "is_cross_attention", False) else "self" for n in names}
 
 
-def _matching(names: list[str], patterns, model, attention: str) -> list[str]:
-    """The names that the layer filter's patterns match; each pattern must match one."""
+def _matching(names: list[str], patterns, model, what: str) -> list[str]:
+    """The names that the patterns match; each pattern must match one."""
     chosen = set()
     for pattern in patterns:
         hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")]
         if not hits:
             examples = ", ".join(repr(n) for n in names[:3])
-            raise ValueError(
-                f"Layer filter {pattern!r} matches no {attention} attention layer of {type(model).__name__}. "
-                f"Layer names look like {examples} (see attnreuse.attention_layers)."
-            )
+            raise ValueError(f"Layer filter {pattern!r} matches no {what} of {type(model).__name__}. Names look like "
+                             f"{examples} (see attnreuse.attention_layers).")
         chosen.update(hits)
     return [n for n in names if n in chosen]
 
@@ -155,28 +159,60 @@ def _check_processor(model, name: str) -> None:
         )
 
 
-def _select(model, config: AttentionReuseConfig) -> tuple[list[str], dict[str, str]]:
-    """The layers to patch, and every layer's kind ("self"/"cross")."""
-    kinds = attention_layers(model)
-    names = [n for n, kind in kinds.items() if config.attention in ("all", kind)]
-    if config.layers is not None:
-        names = _matching(names, config.layers, model, config.attention)
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no {config.attention}-attention layers to reuse.")
-    for name in names:
+def _plan(model, config: AttentionReuseConfig) -> Plan:
+    """The config's plan on this model: a schedule becomes one attention unit over the layers the filters select;
+    a plan's units must each name layers the model has."""
+    if isinstance(config.schedule, Schedule):
+        kinds = attention_layers(model)
+        names = [n for n, kind in kinds.items() if config.attention in ("all", kind)]
+        if config.layers is not None:
+            names = _matching(names, config.layers, model, f"{config.attention} attention layer")
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no {config.attention}-attention layers to reuse.")
+        return Plan.from_schedule(config.schedule, config.mode, names)
+    plan = config.schedule
+    for name, unit in plan.units.items():
+        if unit.layers is not None and unit.kind in ("attention", "blocks"):
+            pool = list(attention_layers(model)) if unit.kind == "attention" else _blocks(model)
+            _matching(pool, unit.layers, model, f"{unit.kind} layer (unit {name!r})")
+    return plan
+
+
+def _blocks(model) -> list[str]:
+    return [n for n, m in model.named_modules() if n and type(m).__name__ in _BLOCK_CLASSES]
+
+
+def _layout(model, plan: Plan) -> Layout:
+    """The actors of `plan` on `model`: attention layers in attention units, blocks in blocks units, the branch."""
+    units = list(plan.units.values())
+    attention = {}
+    if any(u.kind == "attention" for u in units):
+        kinds = attention_layers(model)
+        for unit in (u for u in units if u.kind == "attention"):
+            attention.update({n: kinds[n] for n in (unit.layers and _matching(list(kinds), unit.layers, model,
+                                                                              "attention layer")) or kinds})
+    blocks = [n for u in units if u.kind == "blocks"
+              for n in (_matching(_blocks(model), u.layers, model, "block") if u.layers else _blocks(model))]
+    producers, mid, up = branch_layers(model) if any(u.kind == "branch" for u in units) else ((), None, ())
+    if any(u.kind == "branch" for u in units) and not up:
+        raise ValueError(f"this plan has a branch unit, but {type(model).__name__} is not a UNet whose branch can be "
+                         "reused.")
+    for name in attention:
         _check_processor(model, name)
-    return names, kinds
+    return Layout(attention, tuple(dict.fromkeys(blocks)), producers, mid, up)
 
 
 class AttentionReuseHandle:
-    """What `apply_attention_reuse` returns: `remove()`, `reset()`, `stats()`, `generation()`; a context manager.
+    """What `apply_reuse` returns: `remove()`, `reset()`, `stats()`, `generation()`; a context manager.
 
-    It holds the step tracker and the layer cache of one patched model, and is what the step hooks call. One
-    handle serves one generation at a time: a call from another thread during a generation is refused.
+    It holds the step tracker and the cache of one patched model, and is what the step hooks call. One handle
+    serves one generation at a time: a call from another thread during a generation is refused.
     """
 
-    def __init__(self, model, config: AttentionReuseConfig, tracker: StepTracker, cache: LayerCache):
-        self.model, self.config, self.tracker, self.cache = model, config, tracker, cache
+    def __init__(self, model, config: AttentionReuseConfig, plan: Plan, layout: Layout, tracker: StepTracker,
+                 cache: LayerCache):
+        self.model, self.config, self.plan, self.layout = model, config, plan, layout
+        self.tracker, self.cache = tracker, cache
         self.threads = CoreThreads()
         self._processors: dict = {}  # layer name -> (its module, our processor, the processor it had)
         self._undo: list = []  # hooks and instance attributes to take off in `remove`
@@ -184,7 +220,7 @@ class AttentionReuseHandle:
 
     @property
     def layers(self) -> list[str]:
-        """The names of the layers that follow the schedule."""
+        """The names of the attention layers that follow the plan."""
         return list(self.cache.layers)
 
     @property
@@ -192,8 +228,8 @@ class AttentionReuseHandle:
         return getattr(self.model, _HANDLE_ATTR, None) is self
 
     def reset(self) -> None:
-        """Clear the cache, the position in the schedule and the counts (the next call starts a generation).
-        Refused during a generation, whose next calls would reuse what it clears."""
+        """Clear the cache, the position in the plan and the counts (the next call starts a generation). Refused
+        during a generation, whose next calls would reuse what it clears."""
         if self.tracker.in_generation and not self._open:
             raise RuntimeError(f"attnreuse: reset() during a generation (after call {self.tracker.call + 1} of "
                                f"{len(self.tracker.actions)}) would drop maps its next calls reuse; call it between "
@@ -204,13 +240,13 @@ class AttentionReuseHandle:
 
     def remove(self) -> None:
         """Give every patched layer back the processor it had (layers whose processor was changed since keep the
-        new one), and remove the step hooks."""
+        new one), unwrap the modules, and remove the step hooks."""
         if not self.active:
             return
         for module, ours, original in self._processors.values():
             if module.processor is ours:
                 module.set_processor(original)
-        for undo in self._undo:
+        for undo in reversed(self._undo):
             undo()
         self._open = False
         self.tracker.reset()
@@ -219,31 +255,33 @@ class AttentionReuseHandle:
         delattr(self.model, _HANDLE_ATTR)
 
     def stats(self) -> dict:
-        """Counts per layer since apply or the last reset, the bits of the current (or last) generation, and the
-        bytes held in the cache now and at peak."""
-        cache, kinds = self.cache, attention_layers(self.model)
+        """Counts per attention layer since apply or the last reset, the plan of the current (or last) generation
+        (`schedule`: its bits, for a schedule), and the bytes held in the cache now and at peak."""
+        cache, running = self.cache, self.tracker.running
+        units = running.units if running is not None else {}
+        only = units.get("attention") if len(units) == 1 else None
         return {
             "generations": self.tracker.generations, "calls_in_generation": self.tracker.call + 1,
-            "schedule": "".join(map(str, self.tracker.bits)), "cache_bytes": cache.nbytes,
-            "peak_cache_bytes": cache.peak_bytes, "kept_buffer_bytes": cache.memory.nbytes,
-            "layers": {name: {"attention": kinds[name], **vars(cache.counts[name]),
+            "plan": str(running or ""), "schedule": "".join(map(str, only.bits)) if only else "",
+            "cache_bytes": cache.nbytes, "peak_cache_bytes": cache.peak_bytes, "kept_buffer_bytes": cache.memory.nbytes,
+            "layers": {name: {"attention": self.layout.attention[name], **vars(cache.counts[name]),
                               "cache": cache.slots[name].kind if name in cache.slots else None,
                               "cache_bytes": slot_bytes(cache.slots[name]) if name in cache.slots else 0}
                        for name in cache.layers},
         }
 
     @contextmanager
-    def generation(self, bits=None, resume=None):
-        """An explicit generation: it starts at the first call inside the block, with `bits` (else the schedule),
-        and ends on leaving the block, also when it raises. `resume`: a `snapshot()` to continue from (its calls so
-        far must agree with `bits`)."""
-        bits = Schedule(bits if bits is not None else self.config.schedule).bits
+    def generation(self, plan=None, resume=None):
+        """An explicit generation: it starts at the first call inside the block, following `plan` (a plan or a
+        schedule for this handle's attention layers; else the handle's own), and ends on leaving the block, also
+        when it raises. `resume`: a `snapshot()` to continue from (its calls so far must agree with `plan`)."""
+        plan = _for_handle(self.plan, plan)
         self._claim()
         if resume is None:
-            self.tracker.start(bits, explicit=True)
+            self.tracker.start(plan, explicit=True)
             self.cache.free()
         else:
-            self.tracker.restore(resume[0], bits)
+            self.tracker.restore(resume[0], plan)
             self.cache.restore(resume[1])
         try:
             yield self
@@ -251,7 +289,7 @@ class AttentionReuseHandle:
             self.end_generation()
 
     def snapshot(self) -> tuple:
-        """Where the generation stands (bits, call index, slots by reference), to resume with `generation`."""
+        """Where the generation stands (plan, call index, slots by reference), to resume with `generation`."""
         return self.tracker.snapshot(), self.cache.snapshot()
 
     def before_call(self, timestep, context) -> None:
@@ -262,7 +300,7 @@ class AttentionReuseHandle:
         if self.tracker.before_call(timestep):
             self.cache.free()
             self._check_processors()
-        self.cache.begin_call(self.tracker.action, context)
+        self.cache.begin_call(self.tracker.now, self.tracker.drops[self.tracker.call], context)
         self._open = True
 
     def after_call(self, output) -> None:
@@ -272,7 +310,7 @@ class AttentionReuseHandle:
         if output is None:
             self.end_generation()
             return
-        self.cache.end_call(self.tracker.action)
+        self.cache.end_call(self.tracker.now)
         if self.tracker.last_call:
             self.cache.free()
             self.tracker.finish()
@@ -306,23 +344,52 @@ class AttentionReuseHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"AttentionReuseHandle({self.config.schedule!r}, layers={len(self.cache.layers)}, active={self.active})"
+        return f"AttentionReuseHandle({self.plan}, layers={len(self.cache.layers)}, active={self.active})"
 
 
-def _install_processors(model, handle: AttentionReuseHandle, kinds: dict[str, str]) -> dict:
-    """Our processor on each selected layer: {name: (its module, our processor, the processor it had)}."""
+def _for_handle(own: Plan, plan) -> Plan:
+    """`plan` as a plan for a handle whose own plan is `own`: a schedule takes the mode and layers of its attention
+    unit; None is `own`."""
+    if plan is None:
+        return own
+    value = plan_or_schedule(plan)
+    if isinstance(value, Plan):
+        return value
+    unit = own.units.get("attention")
+    return Plan.from_schedule(value, unit.mode if unit else MAP, unit.layers if unit else None)
+
+
+def _install_processors(model, handle: AttentionReuseHandle) -> dict:
+    """Our processor on each attention layer of the plan: {name: (its module, our processor, the processor it had)}."""
     config, installed = handle.config, {}
-    for name in handle.cache.layers:
+    modes = {n: u.mode for u in handle.plan.units.values() if u.kind == "attention"
+             for n in handle.layout.match(u.layers, handle.layout.attention)}
+    for index, name in enumerate(handle.cache.layers):
         module = model.get_submodule(name)
-        ours = ReuseAttnProcessor(name, module.processor, handle.tracker, handle.cache, config.mode,
-                                  kinds[name] == "cross", config.cache_dtype, config.kernels, handle.threads)
+        ours = ReuseAttnProcessor(name, index, module.processor, handle.tracker, handle.cache, modes[name],
+                                  handle.layout.attention[name] == "cross", config.cache_dtype, config.kernels,
+                                  handle.threads)
         installed[name] = (module, ours, module.processor)
         module.set_processor(ours)
     parameter = next(model.parameters(), None)
-    if config.mode in (MAP, AUTO) and config.kernels and parameter is not None and parameter.is_cuda:
+    if set(modes.values()) & {MAP, AUTO} and config.kernels and parameter is not None and parameter.is_cuda:
         check_kernels(parameter.device, parameter.dtype, [m.inner_dim // m.heads for m, _, _ in installed.values()],
                       config.cache_dtype)
     return installed
+
+
+def _install_modules(model, handle: AttentionReuseHandle) -> list:
+    """The forwards of the plan's modules and, for a call unit, of the model itself; returns what undoes them."""
+    undo, first = [], len(handle.cache.layers)
+    for j, name in enumerate(handle.layout.modules):
+        module = model.get_submodule(name)
+        undo.append(_on_instance(module, "forward", ModuleForward(name, first + j, module.forward, handle.tracker,
+                                                                  handle.cache)))
+    call = next((u for u in handle.plan.units.values() if u.kind == "call"), None)
+    if call is not None:
+        undo.append(_on_instance(model, "forward", CallForward(model.forward, handle.tracker, handle.cache,
+                                                               call.mode)))
+    return undo
 
 
 def _install_step_hooks(model, handle: AttentionReuseHandle) -> list:
@@ -402,29 +469,33 @@ def _wrap_pipeline(target, handle: AttentionReuseHandle) -> list:
             _on_instance(target, "progress_bar", lambda *a, **k: _LoopGuard(progress_bar(*a, **k), handle))]
 
 
-def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> AttentionReuseHandle:
-    """Reuse attention maps across denoising steps (Hunter, Dudziak et al. 2024, arXiv 2401.01008).
+def apply_reuse(target, schedule, *, scheduler=None, **options) -> AttentionReuseHandle:
+    """Reuse work across denoising steps by a plan, or reuse attention maps by the paper's schedule (Hunter, Dudziak
+    et al. 2024, arXiv 2401.01008).
 
-    At a compute step each selected attention layer computes A = softmax(Q K^T * scale); at a reuse step it
-    skips Q, K and the softmax and applies the A of its last compute step to the current V.
+    With a schedule, at a compute step each selected attention layer computes A = softmax(Q K^T * scale); at a
+    reuse step it skips Q, K and the softmax and applies the A of its last compute step to the current V. A plan
+    (`attnreuse.Plan`) says per call what each unit (attention layers, transformer blocks, the UNet's branch, the
+    whole call) computes or reuses.
 
     Args:
         target: a diffusers pipeline (its `unet` or `transformer` is patched; its scheduler tells where a
             generation starts and how many model calls it makes) or a model such as `UNet2DConditionModel`.
-        schedule: a `Schedule`, list of 0/1, string (see `AttentionReuseConfig`), or an `AttentionReuseConfig`.
-        scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the
-            schedule counts model calls and a timestep going back up starts a new generation.
+        schedule: a `Plan`, a `Schedule`, list of 0/1, string (see `AttentionReuseConfig`), or an
+            `AttentionReuseConfig`.
+        scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the plan
+            counts model calls and a timestep going back up starts a new generation.
         **options: `layers`, `attention`, `mode`, `cache_dtype`, `max_cache_bytes`, `kernels`, as in
             `AttentionReuseConfig`.
 
     With `torch.compile`, apply first and compile after (``pipe.unet = torch.compile(pipe.unet)``), or compile
     first and apply to the compiled module: the step hooks run outside the compiled graph either way, and each
-    kind of call (compute, store, reuse) compiles once.
+    kind of call compiles once.
 
     Returns:
         `AttentionReuseHandle`: `remove()` restores the model, `reset()` clears the cache, `stats()` reports.
 
-    >>> handle = apply_attention_reuse(pipe, Schedule.hurry(20, 10))
+    >>> handle = apply_reuse(pipe, Schedule.hurry(20, 10))
     >>> image = pipe("a red circle", num_inference_steps=20).images[0]
     >>> handle.remove()
     """
@@ -438,19 +509,31 @@ def apply_attention_reuse(target, schedule, *, scheduler=None, **options) -> Att
     if scheduler is not None:
         get_scheduler = lambda: scheduler  # noqa: E731
     if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise ValueError("Attention reuse is already applied to this model; call handle.remove() first.")
-    names, kinds = _select(model, config)
-    handle = AttentionReuseHandle(model, config, StepTracker(config.schedule, get_scheduler),
-                                  LayerCache(tuple(names), config.max_cache_bytes))
-    handle._processors = _install_processors(model, handle, kinds)
-    handle._undo = _install_step_hooks(model, handle) + _wrap_pipeline(target, handle)
+        raise ValueError("Reuse is already applied to this model; call handle.remove() first.")
+    plan = _plan(model, config)
+    layout = _layout(model, plan)
+    layers = list(layout.attention)
+    def resolved(p: Plan) -> tuple[list, list]:
+        actions = resolve(p, layout, layers)
+        return actions, slot_drops(actions, layers, layout.modules)
+
+    resolved(plan)  # a plan that cannot run on this model is refused here, before any sampling
+    handle = AttentionReuseHandle(model, config, plan, layout, StepTracker(plan, resolved, get_scheduler),
+                                  LayerCache(tuple(layers), layout.modules, config.max_cache_bytes))
+    handle._processors = _install_processors(model, handle)
+    handle._undo = (_install_step_hooks(model, handle) + _install_modules(model, handle)
+                    + _wrap_pipeline(target, handle))
     setattr(model, _HANDLE_ATTR, handle)
-    logger.debug("attnreuse: %s on %d layers of %s", config.schedule, len(names), type(model).__name__)
+    logger.debug("attnreuse: %s on %d layers and %d modules of %s", plan, len(layers), len(layout.modules),
+                 type(model).__name__)
     return handle
 
 
+apply_attention_reuse = apply_reuse  # its first name, for the paper's schedules
+
+
 class AttentionReuseHelper:
-    """DeepCache-style helper over `apply_attention_reuse`: ``set_params``, ``enable``, ``disable``.
+    """DeepCache-style helper over `apply_reuse`: ``set_params``, ``enable``, ``disable``.
 
     >>> helper = AttentionReuseHelper(pipe)
     >>> helper.set_params(schedule="hurry:20:10")
@@ -470,8 +553,8 @@ class AttentionReuseHelper:
         if self.params is None:
             raise ValueError("Call set_params(schedule=...) before enable().")
         if self.handle is not None:
-            raise ValueError("Attention reuse is already enabled; call disable() first.")
-        self.handle = apply_attention_reuse(self.pipe, self.params)
+            raise ValueError("Reuse is already enabled; call disable() first.")
+        self.handle = apply_reuse(self.pipe, self.params)
         return self.handle
 
     def disable(self) -> None:

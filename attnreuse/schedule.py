@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .utils import atomic_write, read_json
 
-__all__ = ["Schedule", "as_schedule", "whole_number"]
+__all__ = ["Schedule", "as_schedule", "whole_number", "length_error"]
 
 _JSON_KEYS = {"schedule", "timesteps", "meta"}
 
@@ -205,18 +205,19 @@ class Schedule:
             return self
         if order > 1 and num_calls == order * (n - 1) + 1:
             return Schedule([self.bits[min(c // order, n - 1)] for c in range(num_calls)], meta=self.meta)
-        raise ValueError(self._length_error(num_calls, order))
+        raise ValueError(length_error(n, num_calls, order))
 
-    def _length_error(self, num_calls: int, order: int) -> str:
-        accepted = f"{num_calls}"
-        if order > 1 and (num_calls - 1) % order == 0:
-            accepted += f" (one per model call) or {(num_calls - 1) // order + 1} (one per sampler step)"
-        return (
-            f"The schedule has {len(self.bits)} entries but this generation makes {num_calls} denoiser calls; "
-            f"expected a schedule of length {accepted}. Build it for the number of inference steps you run "
-            "(for img2img, the steps left after `strength`), or record its timesteps with "
-            "Schedule.at_timesteps(...) so that it can be moved to other timesteps."
-        )
+
+def length_error(entries: int, num_calls: int, order: int = 1, what: str = "schedule") -> str:
+    """What to say when a schedule (or plan) of `entries` entries meets a generation of `num_calls` calls."""
+    accepted = f"{num_calls}"
+    if order > 1 and (num_calls - 1) % order == 0:
+        accepted += f" (one per model call) or {(num_calls - 1) // order + 1} (one per sampler step)"
+    return (
+        f"The {what} has {entries} entries but this generation makes {num_calls} denoiser calls; expected a {what} of "
+        f"length {accepted}. Build it for the number of inference steps you run (for img2img, the steps left after "
+        "`strength`), or record its timesteps (`at_timesteps`) so that it can be moved to other timesteps."
+    )
 
 
 def _hurry(value: str, num_steps: int | None) -> Schedule:

@@ -1,9 +1,14 @@
 """Where a generation stands: what each denoiser call does, which call this is, and where generations begin.
 
-A step is one call of the denoiser. A new generation starts when the scheduler's `timesteps` is a new object
-(every pipeline call runs `set_timesteps`), when the previous generation has made all its calls or was ended, or,
-for a bare model without a scheduler, when the timestep goes back up. An explicit generation (`start(...,
-explicit=True)`) is ended only by `end`.
+The tracker follows a `Plan`: at a generation's start it fits the plan to the generation's calls (expanded for
+second-order samplers, moved by timestep where the lengths differ) and resolves it (`resolve`, given by the
+handle) into per call one action per actor, and the slots to let go before the call. A step is one call of the
+denoiser.
+
+A new generation starts when the scheduler's `timesteps` is a new object (every pipeline call runs
+`set_timesteps`), when the previous generation has made all its calls or was ended, or, for a bare model without a
+scheduler, when the timestep goes back up. An explicit generation (`start(..., explicit=True)`) is ended only by
+`end`.
 """
 
 from __future__ import annotations
@@ -13,21 +18,12 @@ import threading
 
 import torch
 
-from .schedule import Schedule
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPUTE", "STORE", "REUSE", "call_actions", "StepTracker"]
+__all__ = ["COMPUTE", "STORE", "REUSE", "SKIP", "StepTracker"]
 
 COMPUTE, STORE, REUSE = "compute", "store", "reuse"
-
-
-def call_actions(bits: tuple[int, ...]) -> tuple[str, ...]:
-    """Per call: REUSE at a 0, STORE at a 1 whose next call reuses (lookahead), else COMPUTE."""
-    last = len(bits) - 1
-    return tuple(
-        REUSE if b == 0 else STORE if s < last and bits[s + 1] == 0 else COMPUTE for s, b in enumerate(bits)
-    )
+SKIP = "skip"  # an actor that does not run at this call (inside a reused call, branch or block)
 
 
 def _scalar(timestep) -> float | None:
@@ -40,12 +36,11 @@ def _scalar(timestep) -> float | None:
 
 
 class StepTracker:
-    """The call index and action of one handle's current generation, the thread it runs in, and how many
-    generations the handle has seen."""
+    """The call index and actions of one handle's current generation (`now`: the current call's, one per actor),
+    the thread it runs in, and how many generations the handle has seen."""
 
-    def __init__(self, schedule: Schedule, get_scheduler=lambda: None):
-        self.schedule = schedule
-        self.get_scheduler = get_scheduler
+    def __init__(self, plan, resolve, get_scheduler=lambda: None):
+        self.plan, self.resolve, self.get_scheduler = plan, resolve, get_scheduler
         self.reset()
 
     @property
@@ -54,10 +49,10 @@ class StepTracker:
         return bool(self.actions) and not (self._finished or self._ended)
 
     def before_call(self, timestep) -> bool:
-        """Advance to the next denoiser call and pick its action; True when a generation starts here."""
+        """Advance to the next denoiser call and pick its actions; True when a generation starts here."""
         started = self._starts_here(timestep)
         self.call += 1
-        self.action = self.actions[self.call]
+        self.now = self.actions[self.call]
         return started
 
     @property
@@ -73,28 +68,31 @@ class StepTracker:
         """The generation is over (its pipeline call returned, stopped or failed): the next call starts another."""
         self._ended, self.explicit, self.strict, self.owner = True, False, False, None
 
-    def start(self, bits: tuple[int, ...], explicit: bool = False) -> None:
-        """A new generation with these bits, run by the calling thread."""
-        self.bits, self.actions = tuple(bits), call_actions(tuple(bits))
+    def start(self, plan, explicit: bool = False) -> None:
+        """A new generation following `plan` (fitted to its calls), run by the calling thread."""
+        self.running = plan
+        self.actions, self.drops = self.resolve(plan)
         self.call = -1
         self._finished, self._ended, self.explicit, self.owner = False, False, explicit, threading.get_ident()
         self.generations += 1
 
     def snapshot(self) -> tuple:
-        return self.bits, self.call, self._last_t
+        return self.running, self.call, self._last_t
 
-    def restore(self, snapshot: tuple, bits: tuple[int, ...] | None = None) -> None:
-        """Continue from `snapshot` as an explicit generation, optionally with other bits that agree with it on the
-        calls made so far."""
+    def restore(self, snapshot: tuple, plan=None) -> None:
+        """Continue from `snapshot` as an explicit generation, optionally with another plan that agrees with it on
+        the calls made so far."""
         old, self.call, self._last_t = snapshot
-        self.bits = tuple(bits) if bits is not None else old
-        self.actions = call_actions(self.bits)
+        self.running = plan if plan is not None else old
+        self.actions, self.drops = self.resolve(self.running)
         self._finished, self._ended, self.explicit, self.owner = False, False, True, threading.get_ident()
 
     def reset(self) -> None:
-        self.bits: tuple[int, ...] = ()
-        self.actions: tuple[str, ...] = ()
-        self.call, self.action, self.generations = -1, COMPUTE, 0
+        self.running = None  # the plan of the current (or last) generation, fitted to its calls
+        self.actions: list[tuple] = []
+        self.drops: list[tuple] = []
+        self.now: tuple = ()
+        self.call, self.generations = -1, 0
         self.explicit, self.strict, self.owner = False, False, None  # strict: a pipeline loop delimits generations
         self._timesteps, self._last_t, self._finished, self._ended = None, None, False, False
 
@@ -103,7 +101,7 @@ class StepTracker:
         if self.explicit:
             if finished:
                 raise ValueError(f"attnreuse: this generation has made all {len(self.actions)} calls of its "
-                                 "schedule; a further denoiser call needs a new generation (leave "
+                                 "plan; a further denoiser call needs a new generation (leave "
                                  "`handle.generation()` first).")
             return False
         scheduler = self.get_scheduler()
@@ -126,17 +124,17 @@ class StepTracker:
         back_up = t is not None and self._last_t is not None and t > self._last_t
         if finished and not back_up and not self._ended and self.actions:
             raise ValueError(f"attnreuse: the schedule has {len(self.actions)} entries but the denoiser was called "
-                             f"again (timestep {t} after {self._last_t}) in the same generation; build the "
-                             "schedule for the number of denoiser calls, or pass scheduler= to apply.")
+                             f"again (timestep {t} after {self._last_t}) in the same generation; build the schedule "
+                             "(or plan) for the number of denoiser calls, or pass scheduler= to apply.")
         started = finished or back_up
         if started:
-            self.start(self.schedule.bits)
+            self.start(self.plan)
         self._last_t = t
         return started
 
-    def _resolve(self, scheduler, timesteps, timestep) -> tuple[int, ...]:
-        """The schedule for this generation's model calls, from the scheduler's timesteps (checked here, before
-        the first call runs)."""
+    def _resolve(self, scheduler, timesteps, timestep):
+        """The plan for this generation's model calls, from the scheduler's timesteps (checked here, before the
+        first call runs)."""
         begin = getattr(scheduler, "begin_index", None)
         all_ts = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]  # one sync
         if begin is None:  # img2img without set_begin_index: find where this generation enters the schedule
@@ -146,10 +144,9 @@ class StepTracker:
         call_ts = all_ts[begin:]
         order = int(getattr(scheduler, "order", 1) or 1)
         try:
-            return self.schedule.expand(len(call_ts), order).bits
+            return self.plan.expand(len(call_ts), order)
         except ValueError:
-            if self.schedule.timesteps is None:
+            if self.plan.timesteps is None:
                 raise
-        logger.info("attnreuse: moving %r from %d to %d steps by timestep", self.schedule, len(self.schedule),
-                    len(call_ts))
-        return self.schedule.for_timesteps(call_ts).bits
+        logger.info("attnreuse: moving the plan from %d to %d calls by timestep", len(self.plan), len(call_ts))
+        return self.plan.for_timesteps(call_ts)

@@ -10,8 +10,8 @@ generation, so A V cannot change; Q and K are kept as well, so that a changed te
 A compute call whose cache no later call reads runs the layer's own processor, so a schedule without reuse gives
 exactly the unpatched model's output, and every other compute keeps flash attention.
 
-The processor reads only the tracker's action, the cache's `context_changed` and its slots, and keeps no counters:
-under `torch.compile` each kind of call (compute, store, reuse) is one graph, with no recompilation per step.
+The processor reads only its entry of the current call's actions, its entry of the cache's `changed` flags and its
+slot, and keeps no counters: under `torch.compile` each kind of call is one graph, with no recompilation per step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.models import attention_processor as ap
 
 from ..cache import AUTO, CROSS, MAP, NONE, OUTPUT, QK, LayerCache, Slot, slot_bytes
-from ..state import COMPUTE, REUSE, STORE, StepTracker
+from ..state import REUSE, STORE, StepTracker
 from .cpu_store import CoreThreads, map_store_cpu
 from .kernel_check import kernel_ok
 from .math import (
@@ -93,9 +93,9 @@ def _sdpa(attn, query, key, value, mask, scale):
 class ReuseAttnProcessor:
     """Attention with a cache slot per layer, following the handle's tracker (see the module docstring)."""
 
-    def __init__(self, name: str, original, tracker: StepTracker, cache: LayerCache, mode: str = MAP,
+    def __init__(self, name: str, index: int, original, tracker: StepTracker, cache: LayerCache, mode: str = MAP,
                  cross: bool = False, cache_dtype=None, kernels: bool = True, threads: CoreThreads | None = None):
-        self.name, self.original, self.tracker, self.cache = name, original, tracker, cache
+        self.name, self.index, self.original, self.tracker, self.cache = name, index, original, tracker, cache
         self.mode = CROSS if cross else mode  # cross-attention is the exact cross cache in every mode
         self.cache_dtype, self.kernels, self.threads = cache_dtype, kernels, threads
         self.conventions = Conventions(original)
@@ -103,9 +103,9 @@ class ReuseAttnProcessor:
         self._original_kwargs = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        action = self.tracker.action
+        action = self.tracker.now[self.index]
         slot = self.cache.get(self.name, self.tracker.call) if action == REUSE else None
-        if action == COMPUTE or (slot is not None and slot.kind == NONE):
+        if action not in (STORE, REUSE) or (slot is not None and slot.kind == NONE):
             extra = {k: v for k, v in dict(kwargs, temb=temb).items() if k in self._original_kwargs and v is not None}
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra)
@@ -176,7 +176,7 @@ class ReuseAttnProcessor:
 
     def _reuse(self, attn, x, text, mask, slot: Slot):
         self._check(slot, attn.heads, x, text)
-        if slot.kind == OUTPUT or (slot.kind == CROSS and not self.cache.context_changed):
+        if slot.kind == OUTPUT or (slot.kind == CROSS and not self.cache.changed[self.index]):
             return slot.output
         value = split(attn, attn.to_v(text))
         if slot.kind == MAP:

@@ -1,16 +1,17 @@
-"""The paper's utility of reuse schedules, evaluated with shared prefixes.
+"""The paper's utility of reuse schedules and plans, evaluated with shared prefixes.
 
-The utility of a schedule is the mean PSNR of its final images against the no-reuse images of the same prompts
-and seeds (Hunter, Dudziak et al. 2024, sec. 3.1). Two schedules whose per-call actions agree on their first k calls
-produce the same latents, scheduler state and cached maps up to call k, so `Evaluator` runs the candidates in
-sorted order and resumes each one from the deepest state it shares with the candidate before it (a depth-first
-walk of the trie of plans): a PHAST sweep costs a fraction of its (N - r) * r full generations, and the result is
-bit for bit what a full run gives.
+The utility of a schedule (or plan) is the mean PSNR of its final images against the no-reuse images of the same
+prompts and seeds (Hunter, Dudziak et al. 2024, sec. 3.1). Two candidates whose resolved per-call actions agree on
+their first k calls produce the same latents, scheduler state and cache up to call k, so `Evaluator` runs the
+candidates in sorted order and resumes each one from the deepest state it shares with the candidate before it (a
+depth-first walk of the trie of plans): a PHAST sweep costs a fraction of its (N - r) * r full generations, and the
+result is bit for bit what a full run gives.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -18,17 +19,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..reuse import apply_attention_reuse
+from ..plan import Plan, plan_or_schedule
+from ..reuse import apply_reuse
 from ..schedule import Schedule
-from ..state import call_actions
 from ..utils import GenerationSetup, denoise_step, generators, mean_psnr, read_json, write_json
 
-__all__ = ["Evaluator", "model_name"]
+__all__ = ["Evaluator", "model_name", "candidate_key"]
 
 
 def model_name(pipe) -> str:
     """The pipeline's hub id or folder, else its denoiser's class name."""
     return str(getattr(pipe, "name_or_path", "") or type(pipe.unet).__name__)
+
+
+def candidate_key(candidate) -> str:
+    """How a candidate is known in a search's state: a schedule by its bits, a plan by its units as JSON."""
+    value = plan_or_schedule(candidate)
+    if isinstance(value, Schedule):
+        return str(value)
+    return json.dumps({name: unit.to_dict() for name, unit in value.units.items()}, sort_keys=True)
 
 
 class Evaluator:
@@ -52,8 +61,8 @@ class Evaluator:
         if self.state_file and self.state_file.exists():
             self._resume()
         self._prepare()
-        self._path: list[tuple[str, tuple]] = []  # (action, state after it) along the last candidate run
-        self.references = self._final_images(self._run(Schedule.all_compute(setup.num_steps).bits, count=False))
+        self._path: tuple = ()  # the actors' signature, and (actions, state after them) along the last run
+        self.references = self._final_images(self._run(Schedule.all_compute(setup.num_steps), count=False))
 
     @property
     def key(self) -> dict:
@@ -72,8 +81,8 @@ class Evaluator:
             raise ValueError(f"{self.state_file} was written for another search setup: {saved.get('setup')}; "
                              f"{start_over}.")
         bad = [k for k, v in saved["utilities"].items()
-               if set(k) - {"0", "1"} or len(k) != self.setup.num_steps or not isinstance(v, (int, float))
-               or isinstance(v, bool) or not math.isfinite(v)]
+               if not _known(k, self.setup.num_steps) or not isinstance(v, (int, float)) or isinstance(v, bool)
+               or not math.isfinite(v)]
         if bad:
             raise ValueError(f"{self.state_file}: field 'utilities' has invalid entries {bad[:3]}; {start_over}.")
         self.utilities = {k: float(v) for k, v in saved["utilities"].items()}
@@ -100,38 +109,43 @@ class Evaluator:
         return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
     @torch.no_grad()
-    def _run(self, bits, count=True):
-        """Final latents of one schedule, resumed from the deepest state shared with the previous run."""
-        actions = call_actions(tuple(bits))
-        depth = 0
-        while depth < min(len(self._path), len(actions) - 1) and self._path[depth][0] == actions[depth]:
-            depth += 1
-        del self._path[depth:]
-        latents, scheduler, resume = self._path[-1][1] if depth else (*self._start, None)
-        scheduler = copy.deepcopy(scheduler)
+    def _run(self, candidate, count=True):
+        """Final latents of one schedule or plan, resumed from the deepest state shared with the previous run."""
         unet = self.setup.pipe.unet
-        with apply_attention_reuse(unet, Schedule(bits)) as handle, handle.generation(bits, resume=resume):
-            for s in range(depth, len(actions)):
-                latents = denoise_step(unet, scheduler, latents, self.timesteps[s], self.setup.guidance, self.cfg,
-                                       encoder_hidden_states=self.embeds)
-                self._path.append((actions[s], (latents, copy.deepcopy(scheduler), handle.snapshot())))
+        with apply_reuse(unet, candidate) as handle:
+            actions, signature = handle.tracker.resolve(handle.plan)[0], _signature(handle)
+            depth = 0
+            if self._path and self._path[0] == signature:
+                steps = self._path[1]
+                while depth < min(len(steps), len(actions) - 1) and steps[depth][0] == actions[depth]:
+                    depth += 1
+                del steps[depth:]
+            else:
+                self._path = (signature, [])
+            steps = self._path[1]
+            latents, scheduler, resume = steps[-1][1] if depth else (*self._start, None)
+            scheduler = copy.deepcopy(scheduler)
+            with handle.generation(handle.plan, resume=resume):
+                for s in range(depth, len(actions)):
+                    latents = denoise_step(unet, scheduler, latents, self.timesteps[s], self.setup.guidance,
+                                           self.cfg, encoder_hidden_states=self.embeds)
+                    steps.append((actions[s], (latents, copy.deepcopy(scheduler), handle.snapshot())))
         self.calls += (len(actions) - depth) if count else 0
         return latents
 
-    def __call__(self, schedules) -> list[float]:
-        """Utilities of the schedules (known ones are not run again), running the new ones in sorted order."""
-        schedules = [Schedule(s) for s in schedules]
-        for s in schedules:
-            if len(s) != self.setup.num_steps:
-                raise ValueError(f"Schedule {s!r} has {len(s)} entries; this search runs {self.setup.num_steps} "
-                                 "steps.")
-        todo = sorted({str(s): s for s in schedules if str(s) not in self.utilities}.values(),
-                      key=lambda s: call_actions(s.bits))
-        for s in tqdm(todo, desc="schedules", disable=not self.progress, dynamic_ncols=True):
-            self.utilities[str(s)] = mean_psnr(self._final_images(self._run(s.bits)), self.references)
+    def __call__(self, candidates) -> list[float]:
+        """Utilities of schedules or plans (known ones are not run again), running the new ones in sorted order."""
+        values = [plan_or_schedule(c) for c in candidates]
+        for value in values:
+            if len(value) != self.setup.num_steps:
+                raise ValueError(f"{value!r} has {len(value)} entries; this search runs {self.setup.num_steps} steps.")
+        todo = {candidate_key(v): v for v in values if candidate_key(v) not in self.utilities}
+        for key, value in tqdm(sorted(todo.items(), key=lambda kv: _order(kv[1])), desc="candidates",
+                               disable=not self.progress, dynamic_ncols=True):
+            self.utilities[key] = mean_psnr(self._final_images(self._run(value)), self.references)
             self.naive_calls += self.setup.num_steps
             self._save()
-        return [self.utilities[str(s)] for s in schedules]
+        return [self.utilities[candidate_key(v)] for v in values]
 
     def _save(self) -> None:
         if self.state_file is not None:
@@ -143,3 +157,27 @@ class Evaluator:
         info = dict(self.key, psnr_db=self([schedule])[0], evaluations=len(self.utilities),
                     model_calls=self.calls, naive_model_calls=self.naive_calls, **meta)
         return Schedule(schedule.bits, [float(t) for t in self.timesteps], dict(schedule.meta, **info))
+
+
+def _signature(handle) -> tuple:
+    """The actors whose actions a handle's calls carry: runs are comparable only between equal signatures."""
+    return tuple(handle.cache.layers), tuple(handle.layout.modules), handle.plan.units.get("call") is not None
+
+
+def _order(value) -> tuple:
+    """Candidates sorted so that those sharing prefixes of actions run one after another (schedules by their
+    lookahead actions, as before; plans by their units' bits, call by call)."""
+    if isinstance(value, Schedule):
+        return (0, "", tuple(zip(value.bits, value.bits[1:] + (1,))))
+    units = sorted(value.units.items())
+    per_call = tuple(tuple((u.bits[c], u.depths[c] if u.depths else 0) for _, u in units) for c in range(len(value)))
+    return (1, ",".join(name for name, _ in units), per_call)
+
+
+def _known(key: str, num_steps: int) -> bool:
+    """Whether a state file's key names a candidate of `num_steps` calls."""
+    try:
+        value = Schedule(key) if not key.startswith("{") else Plan({k: v for k, v in json.loads(key).items()})
+    except (ValueError, TypeError):
+        return False
+    return len(value) == num_steps

@@ -98,7 +98,7 @@ def test_store_and_reuse_calls_against_written_out_math(case, processor, mode):
         with apply_attention_reuse(model, Schedule("1001"), mode=mode) as handle:  # store, reuse, reuse, compute
             patched = [model(**c) for c in calls]
             counts = handle.stats()["layers"]["attn"]
-        assert counts == {"attention": counts["attention"], "computed": 2, "stored": 1, "reused": 2,
+        assert counts == {"attention": counts["attention"], "computed": 2, "stored": 1, "reused": 2, "skipped": 0,
                           "cache": None, "cache_bytes": 0}
         # call 0 stores: explicit softmax map, same result as the layer's own processor
         torch.testing.assert_close(patched[0], unpatched[0], rtol=1e-5, atol=1e-5)
