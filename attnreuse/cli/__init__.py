@@ -15,12 +15,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from . import analyze, bench, default_model, evaluate, generate, search  # noqa: E402
+from . import analyze, bench, default_model, evaluate, generate, plan, search  # noqa: E402
 from .checks import UsageError  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
-_GROUPS = (generate, search, evaluate, analyze, bench, default_model)
+_GROUPS = (generate, search, plan, evaluate, analyze, bench, default_model)
 _EXTRAS = ("torchmetrics", "matplotlib", "psutil", "accelerate")  # what the tools need beyond the engine
 
 

@@ -15,7 +15,7 @@ from ..testing import ARCHS
 from ..utils import SAMPLERS
 
 __all__ = ["UsageError", "at_least", "finite", "device", "model", "readable_file", "prompt_lines", "writable_file",
-           "writable_dir", "image_size", "schedule", "sampler_calls", "IMAGE_SUFFIXES"]
+           "writable_dir", "image_size", "schedule", "plan", "sampler_calls", "IMAGE_SUFFIXES"]
 
 _SECOND_ORDER = ("heun", "dpm2")  # samplers that call the model twice per step but the last
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -132,6 +132,20 @@ def sampler_calls(sampler: str, steps: int) -> tuple[int, int]:
     """(denoiser calls, calls per step) of `steps` steps of the named sampler."""
     order = 2 if sampler in _SECOND_ORDER else 1
     return order * (steps - 1) + 1, order
+
+
+def plan(path: str, steps: int, sampler: str = "ddim", name: str = "--plan"):
+    """A plan file that fits `steps` steps of `sampler` (or records timesteps, so that it can be moved there)."""
+    from ..plan import Plan
+
+    readable_file(path, name)
+    try:
+        parsed = Plan.from_json(Path(path))
+        if parsed.timesteps is None:
+            parsed.expand(*sampler_calls(sampler, steps))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{name} {path}: {err}") from None
+    return parsed
 
 
 def schedule(text: str, steps: int, sampler: str = "ddim", name: str = "--schedule") -> Schedule:

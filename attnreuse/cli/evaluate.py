@@ -23,14 +23,16 @@ def register(sub) -> None:
         description="Run each method on the same prompts and seeds as the full N-step sampler and report latency, "
                     "peak memory, PSNR, SSIM (and, on the default model, the faithfulness checker; opt-in: CLIP "
                     "score, LPIPS, FID), matched-latency pairs, a Pareto plot and a grid."))
-    ev.add_argument("--methods", default="quick", help="comma list of presets (quick, paper) and methods: full, "
-                    "steps:K, hurry:R, phast:R, FILE.json, bit strings, deepcache:I, tgate:S, tome:R, pab:K, "
-                    "taylorseer:I, fbc:T, fastercache")
+    ev.add_argument("--methods", default="quick", help="comma list of presets (quick, paper, frontier) and methods: "
+                    "full, steps:K, hurry:R, phast:R, plan:B (a plan searched for latency budget B), FILE.json (a "
+                    "schedule or plan), bit strings, deepcache:I, tgate:S, tome:R, pab:K, taylorseer:I, fbc:T, "
+                    "fastercache")
     ev.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
     ev.add_argument("--calibration", type=int, default=4,
-                    help="prompts phast:R searches on (captions of the calibration split, or the prompt file's lines "
-                         "after the first --count; never the evaluated ones); the schedule is cached in "
-                         "$ATTNREUSE_CACHE/schedules (default ~/.cache/attnreuse/schedules)")
+                    help="prompts phast:R and plan:B search on (captions of the calibration split, or the prompt "
+                         "file's lines after the first --count; never the evaluated ones); the result is cached in "
+                         "$ATTNREUSE_CACHE (default ~/.cache/attnreuse); on the default model, --calibration 8 "
+                         "reads the shipped plans")
     ev.add_argument("--clip-model", help="CLIP score against the prompts with this local transformers CLIP folder")
     ev.add_argument("--lpips", action="store_true", help="LPIPS against the full images (AlexNet weights must be "
                                                          "in the torch hub cache)")
@@ -55,8 +57,8 @@ def check_eval(args) -> tuple[list[str], dict]:
         extra = load_extra_metrics(args.clip_model, args.lpips, args.fid)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
-    if any(m.startswith("phast:") for m in methods) and args.calibration < 1:
-        raise UsageError("phast:R searches on calibration prompts: --calibration must be at least 1.")
+    if any(m.startswith(("phast:", "plan:")) for m in methods) and args.calibration < 1:
+        raise UsageError("phast:R and plan:B search on calibration prompts: --calibration must be at least 1.")
     checks.writable_dir(args.out, "--out")
     return methods, extra
 

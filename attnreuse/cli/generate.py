@@ -8,7 +8,7 @@ from statistics import median
 import torch
 from tqdm.auto import tqdm
 
-from ..reuse import apply_attention_reuse
+from ..reuse import apply_reuse
 from ..schedule import Schedule
 from ..utils import SAMPLERS, device_name, generators, psnr, save_image, timed, use_sampler, write_json
 from . import checks
@@ -28,14 +28,20 @@ def register(sub) -> None:
     gen.add_argument("--model", help="a diffusers model path or hub id, or a local architecture (default: the "
                                      "shipped default model)")
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--schedule", help="hurry:R (reuse the last R steps; default R = steps/2), hurry:N:R, "
-                                        "a bit string, or a schedule JSON file")
+    what = gen.add_mutually_exclusive_group()
+    what.add_argument("--plan", help="a plan JSON (attnreuse plan --out); default: the shipped plan for a budget of "
+                                     "0.5 on the default model, HURRY with half the steps reused elsewhere")
+    what.add_argument("--budget", type=float, help="the default model's shipped plan for this budget (0.35, 0.5, "
+                                                   "0.7 or 0.85)")
+    what.add_argument("--schedule", help="the paper's attention reuse: hurry:R (reuse the last R steps), hurry:N:R, "
+                                         "a bit string, or a schedule JSON file")
     gen.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 7.5 elsewhere)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, help="image size in pixels (default: the model's)")
     gen.add_argument("-o", "--output", default="out.png", help="the reuse image; the no-reuse one goes beside "
                                                               "it as NAME.full.png")
+    gen.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating, after a warm-up")
     gen.add_argument("--device", default=default_device())
     gen.set_defaults(func=run_generate)
 
@@ -71,18 +77,35 @@ def _check_common(args) -> None:
         raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}.")
 
 
-def check_generate(args) -> Schedule:
-    """Every argument of `generate`, before the model loads; returns the schedule."""
+def check_generate(args):
+    """Every argument of `generate`, before the model loads; returns the plan or schedule to run."""
     if not args.prompt.strip():
         raise UsageError("the prompt is empty.")
     _check_common(args)
+    checks.at_least(args.repeats, "--repeats", 1)
     checks.writable_file(args.output, "-o/--output", checks.IMAGE_SUFFIXES)
-    return checks.schedule(args.schedule or f"hurry:{args.steps // 2}", args.steps, args.sampler)
+    if args.schedule or (args.model is not None and args.plan is None and args.budget is None):
+        return checks.schedule(args.schedule or f"hurry:{args.steps // 2}", args.steps, args.sampler)
+    if args.budget is not None and args.model is not None:
+        raise UsageError("--budget picks a plan shipped for the default model; for another model search one with "
+                         "`attnreuse plan --model ... --budget B` and pass it with --plan.")
+    return checks.plan(args.plan or _shipped(args.sampler, 0.5 if args.budget is None else args.budget),
+                       args.steps, args.sampler)
+
+
+def _shipped(sampler: str, budget: float) -> str:
+    from ..planner.store import shipped_plan
+
+    try:
+        return str(shipped_plan("dpm++" if sampler == "dpm++" else "ddim", budget))
+    except FileNotFoundError as err:
+        raise UsageError(f"--budget {budget:g}: {err}") from None
 
 
 def run_generate(args) -> int:
-    """One prompt with and without reuse on the default model (or any diffusers model); times both."""
-    schedule = check_generate(args)
+    """One prompt with and without reuse on the default model (or any diffusers model): a warm-up of each, then
+    alternating timed runs; the median times, their ratio and the PSNR between the images."""
+    reuse = check_generate(args)
     pipe, guidance = pipeline(args)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np")
     if args.size:
@@ -91,22 +114,38 @@ def run_generate(args) -> int:
     def run():
         return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images[0]
 
-    full, full_s = timed(run, args.device)
-    with apply_attention_reuse(pipe, schedule) as handle:
-        image, reuse_s = timed(run, args.device)
-        ran = Schedule(handle.stats()["schedule"])  # moved by timestep where it was made for another step count
+    times, images, ran = {"full": [], "reuse": []}, {}, None
+    for _ in range(args.repeats + 1):  # the first round warms up both
+        images["full"], seconds = timed(run, args.device)
+        times["full"].append(seconds)
+        with apply_reuse(pipe, reuse) as handle:
+            images["reuse"], seconds = timed(run, args.device)
+            ran = handle.stats()
+        times["reuse"].append(seconds)
+    full_s, reuse_s = median(times["full"][1:]), median(times["reuse"][1:])
     full_path = args.output.rsplit(".", 1)[0] + ".full.png"
-    save_image(image, args.output)
-    save_image(full, full_path)
-    print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}")
+    save_image(images["reuse"], args.output)
+    save_image(images["full"], full_path)
+    print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}; "
+          f"{device_name(args.device)}, median of {args.repeats} alternating runs after a warm-up")
     print(f"  no reuse {full_s:.3f} s -> {full_path}")
-    moved = f", moved from {schedule}" if ran != schedule else ""
-    print(f"  reuse    {reuse_s:.3f} s -> {args.output}   schedule {ran} ({ran.num_reuse} reuse{moved}), "
-          f"{full_s / reuse_s:.2f}x, PSNR vs no reuse {psnr(image, full):.1f} dB")
+    print(f"  reuse    {reuse_s:.3f} s -> {args.output}   {full_s / reuse_s:.2f}x faster, PSNR vs no reuse "
+          f"{psnr(images['reuse'], images['full']):.1f} dB")
+    print(f"  {_described(reuse, ran)}")
     if args.model is None:
-        _check_faithfulness(image, args.prompt)
-    print(f"  total {time.perf_counter() - args.started:.1f} s (imports, loading and both generations)")
+        _check_faithfulness(images["reuse"], args.prompt)
+    print(f"  total {time.perf_counter() - args.started:.1f} s (imports, loading and all generations)")
     return 0
+
+
+def _described(reuse, ran: dict) -> str:
+    """What ran: a schedule's bits (moved by timestep where it was made for another step count), or a plan."""
+    if isinstance(reuse, Schedule):
+        bits = Schedule(ran["schedule"])
+        moved = f", moved from {reuse}" if bits != reuse else ""
+        return f"schedule {bits} ({bits.num_reuse} reuse{moved})"
+    budget = reuse.meta.get("budget")
+    return f"plan{f' for a budget of {budget:g}' if budget else ''}: {ran['plan']}"
 
 
 def _check_faithfulness(image, prompt: str) -> None:
@@ -140,11 +179,11 @@ def run_speed(args) -> int:
     def generate():
         return pipe(args.prompt, generator=generators([args.seed], args.device)[0], **kwargs).images
 
-    apply_attention_reuse(pipe, schedule).remove()  # the schedule against the model's layers, before timing
+    apply_reuse(pipe, schedule).remove()  # the schedule against the model's layers, before timing
     times, images, peak = {"full": [], "reuse": []}, {}, 0
     for i in tqdm(range(args.repeats + 1), desc="speed (first round is warm-up)", disable=args.quiet):
         for mode in ("full", "reuse"):
-            handle = apply_attention_reuse(pipe, schedule) if mode == "reuse" else None
+            handle = apply_reuse(pipe, schedule) if mode == "reuse" else None
             images[mode], seconds = timed(generate, args.device)
             if handle is not None:
                 peak, ran = handle.stats()["peak_cache_bytes"], Schedule(handle.stats()["schedule"])

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..reuse import apply_attention_reuse
-from ..schedule import as_schedule
+from ..plan import Plan, plan_or_schedule
+from ..planner.store import cached_plan
+from ..reuse import apply_reuse
 from ..search import cached_phast
 from ..utils import GenerationSetup, generators
 
@@ -59,7 +60,7 @@ def _register(*names):
 def family(spec: str) -> str:
     """The curve a spec belongs to in the Pareto plot: `full`, `steps`, `reuse` or the peer's name."""
     name = spec.split(":")[0]
-    return name if name in ("full", "steps", *PEERS) else "reuse"
+    return name if name in ("full", "steps", "plan", *PEERS) else "reuse"
 
 
 def _import(module: str, package: str):
@@ -72,9 +73,9 @@ def _import(module: str, package: str):
 # each method's argument: (type, bounds, whether it may be left out); N is the step count. Whole numbers lie within
 # their bounds, numbers strictly between them
 _ARGUMENTS = {"full": None, "fastercache": None, "steps": (int, 1, None, False), "hurry": (int, 0, "N-1", False),
-              "phast": (int, 0, "N-1", False), "deepcache": (int, 1, None, True), "tgate": (int, 1, "N", True),
-              "tome": (float, 0.0, 1.0, True), "pab": (int, 1, None, True), "taylorseer": (int, 1, None, True),
-              "fbc": (float, 0.0, None, True)}
+              "phast": (int, 0, "N-1", False), "plan": (float, 0.0, 1.0, False), "deepcache": (int, 1, None, True),
+              "tgate": (int, 1, "N", True), "tome": (float, 0.0, 1.0, True), "pab": (int, 1, None, True),
+              "taylorseer": (int, 1, None, True), "fbc": (float, 0.0, None, True)}
 
 
 def check_spec(spec: str, num_steps: int) -> None:
@@ -82,7 +83,7 @@ def check_spec(spec: str, num_steps: int) -> None:
     name, colon, arg = spec.partition(":")
     if name not in _ARGUMENTS:
         try:
-            schedule = as_schedule(spec, num_steps)  # a bit string or a schedule file
+            schedule = plan_or_schedule(spec, num_steps)  # a bit string, or a schedule or plan file
         except (ValueError, TypeError) as err:
             raise ValueError(f"method {spec!r} is neither a method ({', '.join(_ARGUMENTS)}) nor a schedule: "
                              f"{err}") from None
@@ -135,25 +136,35 @@ def _steps(setup, arg, calibration):
     yield Run(lambda s: s.generate(num_inference_steps=int(arg)))
 
 
+def _calibrated(setup, calibration, spec: str) -> GenerationSetup:
+    if not calibration:
+        raise ValueError(f"{spec} is searched on calibration prompts that are not the evaluated ones; none were "
+                         "given (attnreuse eval: with --prompts FILE, the lines after the first --count are the "
+                         "calibration prompts)")
+    return GenerationSetup(setup.pipe, calibration, None, setup.num_steps, setup.guidance)
+
+
 @contextmanager
 def _reuse(setup, spec, calibration):
-    """Attention reuse with a schedule: `hurry:R`, `phast:R`, a bit string or a schedule file."""
+    """Reuse by a schedule or plan: `hurry:R`, `phast:R`, `plan:B`, a bit string, or a schedule or plan file."""
     name, _, arg = spec.partition(":")
     info = {}
     if name == "phast":
-        if not calibration:
-            raise ValueError("phast:R searches its schedule on calibration prompts that are not the evaluated "
-                             "ones; none were given (attnreuse eval: with --prompts FILE, the lines after the "
-                             "first --count are the calibration prompts)")
-        calibrated = GenerationSetup(setup.pipe, calibration, None, setup.num_steps, setup.guidance)
-        spec = info["schedule_file"] = str(cached_phast(calibrated, int(arg), progress=True))
-    schedule = as_schedule(f"hurry:{setup.num_steps}:{arg}" if name == "hurry" else spec)
-    with apply_attention_reuse(setup.pipe, schedule):
-        yield Run(lambda s: s.generate(), dict(info, schedule=str(schedule)))
+        spec = info["schedule_file"] = str(cached_phast(_calibrated(setup, calibration, spec), int(arg),
+                                                        progress=True))
+    elif name == "plan":
+        spec = info["plan_file"] = str(cached_plan(_calibrated(setup, calibration, spec), float(arg), progress=True))
+    value = plan_or_schedule(f"hurry:{setup.num_steps}:{arg}" if name == "hurry" else spec)
+    if isinstance(value, Plan):
+        info.update(plan=str(value), predicted_latency=value.meta.get("predicted_latency"))
+    else:
+        info["schedule"] = str(value)
+    with apply_reuse(setup.pipe, value):
+        yield Run(lambda s: s.generate(), info)
 
 
-METHODS.update(hurry=lambda setup, arg, calibration: _reuse(setup, f"hurry:{arg}", calibration),
-               phast=lambda setup, arg, calibration: _reuse(setup, f"phast:{arg}", calibration))
+METHODS.update({name: (lambda setup, arg, calibration, name=name: _reuse(setup, f"{name}:{arg}", calibration))
+                for name in ("hurry", "phast", "plan")})
 
 
 @_register("deepcache")

@@ -54,11 +54,17 @@ def write_report(result: dict, out, settings: dict, pipe, prompts: list[str], co
     if searched:
         lines += ["", "Searched schedules (1 = compute; calibration prompts never evaluated here): "
                   + "; ".join(f"{r['method']} `{r['schedule']}` ({r['schedule_file']})" for r in searched)]
+    planned = [r for r in result["rows"] if "plan_file" in r]
+    if planned:
+        lines += ["", "Searched plans (per unit, 1 = compute; searched on the calibration prompts; predicted latency "
+                  "beside the measured one):", ""]
+        lines += [f"- {r['method']}: `{r['plan']}`, predicted {r['predicted_latency']:.3f}x, measured "
+                  f"{r['latency_ratio']:.3f}x ({r['plan_file']})" for r in planned]
     lines += _matched(result["matched"])
     text = "\n".join(lines) + "\n"
     atomic_write(out / "eval.md", lambda tmp: tmp.write_text(text))
     pareto_plot(result["rows"], out / "pareto.png",
-                f"{settings['sampler']} {settings['num_steps']} steps: fidelity against latency")
+                f"{settings['sampler']} {settings['num_steps']} steps: fidelity against latency", lines=("plan",))
     labels = method_grid(result, out / "grid.png", columns)
     atomic_write(out / "grid.txt", lambda tmp: tmp.write_text("rows, top to bottom: " + ", ".join(labels) + "\n"))
     return report

@@ -17,10 +17,13 @@ from .metrics import extra_scores, image_metrics
 __all__ = ["PRESETS", "MATCH_TOLERANCE", "matched_latency", "run_methods", "summarize", "compare_methods",
            "merge_runs", "environment"]
 
+_PEERS = "deepcache:2,deepcache:3,deepcache:5,tgate:10,tome:0.5,pab:2,fbc:0.05,taylorseer:5,fastercache"
 PRESETS = {  # --methods shorthands; the paper's ranges: r 4..12 of 20, K 10..18 steps
     "quick": "full,steps:10,steps:13,steps:16,hurry:6,hurry:10,deepcache:3,tgate:10,tome:0.5,pab:2,taylorseer:5",
     "paper": ",".join(["full"] + [f"steps:{k}" for k in range(10, 19, 2)] + [f"hurry:{r}" for r in range(4, 13, 2)]
                      + ["deepcache:2", "deepcache:3", "deepcache:5", "tgate:10", "tome:0.5", "pab:2", "taylorseer:5"]),
+    "frontier": ",".join(["full", "steps:5", "steps:7", "steps:10", "steps:14", "steps:17", _PEERS, "hurry:10",
+                          "phast:10", "plan:0.35", "plan:0.5", "plan:0.7", "plan:0.85"]),
 }
 MATCH_TOLERANCE = 0.05  # latency ratios closer than this count as matched; farther pairs are reported as such
 

@@ -1,0 +1,84 @@
+"""`attnreuse plan`: search a reuse plan for a latency budget on calibration prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..default_model.splits import CALIBRATION
+from ..utils import GenerationSetup, read_json
+from . import checks
+from .checks import UsageError
+from .common import add_model_options, check_model_options, pipeline, prompts
+
+__all__ = ["register", "run_plan"]
+
+
+def register(sub) -> None:
+    plan = add_model_options(sub.add_parser(
+        "plan", help="search a reuse plan (every unit, every call) for a latency budget",
+        description="Profile the device, then search the plan of best calibration PSNR whose predicted latency is "
+                    "within --budget of the full sampler: seeds (DeepCache, step-reduction-like, HURRY, PAB-like), "
+                    "a dynamic program over refresh calls, and a budgeted hill-climb. Prints the predicted and the "
+                    "measured latency; resumable through --state."))
+    plan.add_argument("--budget", type=float, required=True, help="latency as a ratio to the full sampler, e.g. 0.5")
+    plan.add_argument("--calibration", type=int, default=8, help="calibration prompts (one seed each)")
+    plan.add_argument("--time-limit", type=float, default=840, help="seconds of hill-climbing at most")
+    plan.add_argument("--sweeps", type=int, default=30, help="hill-climbing sweeps at most")
+    plan.add_argument("--profile", help="a latency profile to reuse: a plan JSON searched on this device and batch")
+    plan.add_argument("--no-measure", action="store_true", help="skip measuring the plan's latency at the end")
+    plan.add_argument("--out", default="runs/plan/plan.json")
+    plan.add_argument("--state", help="resume file (default: OUT with .state.json)")
+    plan.set_defaults(func=run_plan)
+
+
+def check_plan(args):
+    """Every argument of `plan`, before the model loads; returns the latency profile to reuse, if any."""
+    check_model_options(args, args.calibration)
+    checks.finite(args.budget, "--budget", above=0)
+    if args.budget > 1:
+        raise UsageError(f"--budget is a latency ratio to the full sampler, at most 1, got {args.budget:g}.")
+    checks.at_least(args.calibration, "--calibration", 1)
+    checks.finite(args.time_limit, "--time-limit", minimum=0)
+    checks.at_least(args.sweeps, "--sweeps", 0)
+    checks.writable_file(args.out, "--out", (".json",))
+    if args.state:
+        checks.writable_file(args.state, "--state", (".json",))
+    if not args.profile:
+        return None
+    from ..planner import LatencyModel
+
+    try:
+        meta = read_json(checks.readable_file(args.profile, "--profile"), "--profile file").get("meta", {})
+        return LatencyModel.from_dict(meta["latency_model"])
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise UsageError(f"--profile {args.profile}: not a plan with a latency profile ({err}).") from None
+
+
+def run_plan(args) -> int:
+    """Search on one process, or spread the scoring over those `accelerate launch` or torchrun started."""
+    from ..planner import search_plan
+    from ..planner.search import Shards
+
+    latency = check_plan(args)
+    shards = Shards.from_accelerate()
+    pipe, guidance = pipeline(args)
+    setup = GenerationSetup(pipe, prompts(args, args.calibration, seed=CALIBRATION), None, args.steps, guidance)
+    if latency is not None and latency.batch != 2 * len(setup.prompts):
+        raise UsageError(f"--profile was measured at batch {latency.batch}; this search runs batch "
+                         f"{2 * len(setup.prompts)} (twice --calibration).")
+    out = Path(args.out)
+    state = Path(args.state) if args.state else out.with_suffix(".state.json")
+    plan = search_plan(setup, args.budget, state, progress=True, time_limit=args.time_limit, sweeps=args.sweeps,
+                       measure=not args.no_measure, latency=latency, shards=shards)
+    if not shards.main:
+        return 0
+    plan.to_json(out)
+    m = plan.meta
+    measured = f", measured {m['measured']['ratio']:.3f}x" if "measured" in m else ""
+    print(f"plan for a budget of {args.budget:g} ({args.sampler}, {args.steps} steps, {len(setup.prompts)} "
+          f"calibration prompts): PSNR {m['psnr_db']:.2f} dB against the full sampler (best seed "
+          f"{m['best_seed_psnr_db']:.2f}, dynamic program {m['best_dp_psnr_db']:.2f}, hill-climb "
+          f"{m['climb_gain_db']:+.2f} dB); latency predicted {m['predicted_latency']:.3f}x{measured} on "
+          f"{m['latency_model']['device']}; {m['candidates']} candidates in {m['search_s']:.0f} s -> {out}")
+    print(f"  {plan}")
+    return 0
