@@ -6,7 +6,7 @@ the next; small distances are why reuse works at all.
 final image, with the fit d(s) = k1 exp(-k2 s); k2 > 0 (early errors grow) is why HURRY reuses late steps.
 
 Both swap every attention layer's processor for `_ProbeProcessor`, which computes the map explicitly as a store
-call does (the same functions of `attention.math` and the same `Conventions`), and restore the original
+call does (the same functions of `attention.math` and the same `attention.families`), and restore the original
 processors afterwards. A "step" s here is a denoiser call, counted from 1 (one per sampler step for DDIM).
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import SUPPORTED_PROCESSORS, Conventions
-from .attention.math import attention_map, context, enter, flat, leave, merge
+from .attention import family_of
+from .attention.math import attention_map, flat
 from .eval.plots import pyplot, save_figure
 from .reuse import attention_layers
 from .utils import generate, write_json
@@ -66,22 +66,24 @@ def fit_exponential(steps, distances) -> dict:
 class _ProbeProcessor:
     """softmax(Q K^T * scale) V with the map made by `probe`: a store call's math, no cache."""
 
-    def __init__(self, name: str, original, probe):
-        if not isinstance(original, SUPPORTED_PROCESSORS):
-            raise ValueError(f"Layer {name!r} uses {type(original).__name__}, which the analyses cannot reproduce; "
-                             f"use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]}.")
-        self.name, self.probe, self.conventions = name, probe, Conventions(original)
+    def __init__(self, name: str, attn, original, probe):
+        family = family_of(attn, original)
+        if isinstance(family, str):
+            raise ValueError(f"Layer {name!r} {family}.")
+        self.name, self.probe, self.family = name, probe, family
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        hidden_states, residual, shape = enter(attn, hidden_states, temb)
-        text = context(attn, hidden_states, encoder_hidden_states)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], hidden_states.shape[0])
-        query, key, value, scale = self.conventions.qkv(attn, hidden_states, text)
-        attn_map = self.probe(self.name, attn, flat(query), flat(key), attention_mask, scale)
-        out = torch.bmm(attn_map.to(value.dtype), flat(value)).view(value.shape[0], value.shape[1], -1,
-                                                                    value.shape[-1])
-        return leave(attn, merge(attn, out), residual, shape)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, temb=None,
+                 image_rotary_emb=None, rotary_emb=None, **kwargs):
+        fifth = args[0] if args else None
+        rotary = next((r for r in (image_rotary_emb, rotary_emb, fifth) if r is not None), None)
+        frame = self.family.frame(attn, hidden_states, encoder_hidden_states, temb if temb is not None else fifth,
+                                  rotary)
+        query, key, value = self.family.qkv_of(attn, frame)
+        mask = self.family.mask(attn, attention_mask, query, key, heads=False)
+        attn_map = self.probe(self.name, attn, flat(query), flat(key), mask, self.family.scale(attn, query))
+        out = torch.bmm(attn_map.to(value.dtype), flat(value)).view(*query.shape[:-1], value.shape[-1])
+        out = out.transpose(1, 2).flatten(2)
+        return self.family.leave(attn, self.family.project(attn, out, frame), frame)
 
 
 class _Recorder:
@@ -137,7 +139,8 @@ def _probed(pipe, probe):
     calls (1 at the first); the original processors and no hook are left on exit, even after an error."""
     unet = pipe.unet
     originals = unet.attn_processors
-    probed = {key: _ProbeProcessor(key.removesuffix(".processor"), proc, probe) for key, proc in originals.items()}
+    probed = {key: _ProbeProcessor(key.removesuffix(".processor"), unet.get_submodule(key.removesuffix(".processor")),
+                                   proc, probe) for key, proc in originals.items()}
 
     def count(module, args):
         probe.call += 1

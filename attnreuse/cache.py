@@ -43,7 +43,8 @@ class Slot(NamedTuple):
     unscale: float | None = None  # undoes an fp8 map's scale
     query: torch.Tensor | None = None  # (batch, heads, queries, dim)
     key: torch.Tensor | None = None
-    output: object = None  # an attention layer's (batch, queries, channels) after to_out; a module's output
+    output: object = None  # what an attention layer's projections return (`families`); a module's output
+    tokens: tuple = ()  # an attention layer's (batch, queries, keys) at its store call
 
 
 def _tensors(value):

@@ -17,24 +17,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import SUPPORTED_PROCESSORS, ReuseAttnProcessor, check_kernels
+from .attention import ReuseAttnProcessor, check_kernels, family_of
 from .attention.cpu_store import CoreThreads
 from .cache import AUTO, MAP, MODES, LayerCache, slot_bytes
 from .plan import Plan, plan_or_schedule
 from .schedule import Schedule, whole_number
 from .state import StepTracker
-from .units import Layout, branch_layers, resolve, slot_drops
-from .wrappers import CallForward, ModuleForward
+from .units import Layout, branch_layers, resolve, slot_drops, transformer_blocks
+from .wrappers import STREAMS, CallForward, ModuleForward
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionReuseConfig", "AttentionReuseHandle", "AttentionReuseHelper", "apply_reuse",
-           "apply_attention_reuse", "attention_layers"]
+           "apply_attention_reuse", "attention_layers", "denoiser"]
 
 _ATTENTION_KINDS = ("all", "self", "cross")
 _HANDLE_ATTR = "_attnreuse_handle"
 _END_OF_CALL = "maybe_free_model_hooks"  # every diffusers pipeline calls it once, at the end of __call__
-_BLOCK_CLASSES = ("Transformer2DModel",)  # transformer blocks whose residual a blocks unit reuses
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,13 @@ def _layer_patterns(layers) -> tuple[str, ...] | None:
     return layers
 
 
+def denoiser(target) -> torch.nn.Module:
+    """The denoiser of a pipeline (its `unet` or `transformer`), or the model itself."""
+    return _find_model(target)[0]
+
+
 def _find_model(target):
-    """The denoiser of a pipeline (`unet`, later `transformer`) or the model itself, and a scheduler getter."""
+    """The denoiser of a pipeline (`unet` or `transformer`) or the model itself, and a scheduler getter."""
     if isinstance(target, torch.nn.Module):
         return target, (lambda: None)
     for attr in ("unet", "transformer"):
@@ -147,16 +151,14 @@ def _matching(names: list[str], patterns, model, what: str) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def _check_processor(model, name: str) -> None:
+def _family(model, name: str):
+    """The processor family (`attention.families`) of layer `name`, or a ValueError that says why it has none."""
     attn = model.get_submodule(name)
-    if getattr(attn, "fused_projections", False):
-        raise ValueError(f"Layer {name!r} has fused QKV projections; call unfuse_qkv_projections() first.")
-    if not isinstance(attn.processor, SUPPORTED_PROCESSORS):
-        raise ValueError(
-            f"Layer {name!r} uses {type(attn.processor).__name__}, whose math attnreuse cannot reproduce at store and "
-            f"reuse calls. Use one of {[p.__name__ for p in SUPPORTED_PROCESSORS]} "
-            "(e.g. model.set_attn_processor(AttnProcessor2_0())) or leave the layer out with layers=..."
-        )
+    family = family_of(attn, attn.processor)
+    if isinstance(family, str):
+        raise ValueError(f"Layer {name!r} {family}. Set a supported processor (e.g. "
+                         "model.set_attn_processor(AttnProcessor2_0())) or leave the layer out with layers=...")
+    return family
 
 
 def _plan(model, config: AttentionReuseConfig) -> Plan:
@@ -173,13 +175,9 @@ def _plan(model, config: AttentionReuseConfig) -> Plan:
     plan = config.schedule
     for name, unit in plan.units.items():
         if unit.layers is not None and unit.kind in ("attention", "blocks"):
-            pool = list(attention_layers(model)) if unit.kind == "attention" else _blocks(model)
+            pool = list(attention_layers(model)) if unit.kind == "attention" else transformer_blocks(model)
             _matching(pool, unit.layers, model, f"{unit.kind} layer (unit {name!r})")
     return plan
-
-
-def _blocks(model) -> list[str]:
-    return [n for n, m in model.named_modules() if n and type(m).__name__ in _BLOCK_CLASSES]
 
 
 def _layout(model, plan: Plan) -> Layout:
@@ -191,14 +189,15 @@ def _layout(model, plan: Plan) -> Layout:
         for unit in (u for u in units if u.kind == "attention"):
             attention.update({n: kinds[n] for n in (unit.layers and _matching(list(kinds), unit.layers, model,
                                                                               "attention layer")) or kinds})
+    pool = transformer_blocks(model)
     blocks = [n for u in units if u.kind == "blocks"
-              for n in (_matching(_blocks(model), u.layers, model, "block") if u.layers else _blocks(model))]
+              for n in (_matching(pool, u.layers, model, "block") if u.layers else pool)]
     producers, mid, up = branch_layers(model) if any(u.kind == "branch" for u in units) else ((), None, ())
     if any(u.kind == "branch" for u in units) and not up:
         raise ValueError(f"this plan has a branch unit, but {type(model).__name__} is not a UNet whose branch can be "
                          "reused.")
     for name in attention:
-        _check_processor(model, name)
+        _family(model, name)
     return Layout(attention, tuple(dict.fromkeys(blocks)), producers, mid, up)
 
 
@@ -368,7 +367,7 @@ def _install_processors(model, handle: AttentionReuseHandle) -> dict:
         module = model.get_submodule(name)
         ours = ReuseAttnProcessor(name, index, module.processor, handle.tracker, handle.cache, modes[name],
                                   handle.layout.attention[name] == "cross", config.cache_dtype, config.kernels,
-                                  handle.threads)
+                                  handle.threads, _family(model, name))
         installed[name] = (module, ours, module.processor)
         module.set_processor(ours)
     parameter = next(model.parameters(), None)
@@ -384,7 +383,7 @@ def _install_modules(model, handle: AttentionReuseHandle) -> list:
     for j, name in enumerate(handle.layout.modules):
         module = model.get_submodule(name)
         undo.append(_on_instance(module, "forward", ModuleForward(name, first + j, module.forward, handle.tracker,
-                                                                  handle.cache)))
+                                                                  handle.cache, STREAMS.get(type(module).__name__))))
     call = next((u for u in handle.plan.units.values() if u.kind == "call"), None)
     if call is not None:
         undo.append(_on_instance(model, "forward", CallForward(model.forward, handle.tracker, handle.cache,

@@ -137,10 +137,12 @@ class StepTracker:
         first call runs)."""
         begin = getattr(scheduler, "begin_index", None)
         all_ts = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]  # one sync
-        if begin is None:  # img2img without set_begin_index: find where this generation enters the schedule
+        if begin is None:  # a pipeline without set_begin_index: find where this generation enters the schedule
             t = _scalar(timestep)
             t = all_ts[0] if t is None else t
-            begin = min(range(len(all_ts)), key=lambda i: abs(all_ts[i] - t))
+            # Flux-style transformers take the scheduler's timestep divided by 1000
+            seen = (t, t * 1000) if t <= 1 < max(all_ts) else (t,)
+            begin = min(range(len(all_ts)), key=lambda i: min(abs(all_ts[i] - v) for v in seen))
         call_ts = all_ts[begin:]
         order = int(getattr(scheduler, "order", 1) or 1)
         try:

@@ -11,11 +11,13 @@ import fnmatch
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from .cache import CALL, output_key, residual_key
 from .plan import Plan
 from .state import COMPUTE, REUSE, SKIP, STORE
 
-__all__ = ["Layout", "ModuleAction", "branch_layers", "resolve", "slot_drops"]
+__all__ = ["Layout", "ModuleAction", "branch_layers", "transformer_blocks", "resolve", "slot_drops"]
 
 
 class ModuleAction(NamedTuple):
@@ -92,6 +94,18 @@ def branch_layers(model) -> tuple[tuple, str | None, tuple]:
     if sum(kind == "pair" for kind, _ in up) != len(producers) + 1:
         return (), None, ()
     return tuple(producers), "mid_block", tuple(up)
+
+
+def transformer_blocks(model) -> list[str]:
+    """The transformer blocks of a model, in the order they run: a UNet's Transformer2DModels, else the members of a
+    transformer's top-level block lists (`transformer_blocks`, `single_transformer_blocks`, `blocks`)."""
+    model = getattr(model, "_orig_mod", model)  # a compiled model's names are those of the model inside
+    inner = [n for n, m in model.named_modules() if n and type(m).__name__ == "Transformer2DModel"]
+    if inner:
+        return inner
+    return [f"{name}.{i}" for name, child in model.named_children()
+            if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")
+            for i, block in enumerate(child) if "TransformerBlock" in type(block).__name__]
 
 
 def _next_active(active: list[bool], c: int) -> int | None:

@@ -5,6 +5,7 @@ One helper per concept, so that every tool times, seeds, scores and writes alike
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,7 +20,8 @@ import torch
 
 __all__ = ["SAMPLERS", "SD_SCHEDULER", "use_sampler", "load_pipeline", "device_name", "timed", "generators",
            "GenerationSetup", "generate", "to_uint8", "image_grid", "save_image", "PSNR_CAP", "psnr", "mean_psnr",
-           "atomic_write", "write_json", "read_json", "write_clip_tokenizer", "denoise_step"]
+           "atomic_write", "write_json", "read_json", "write_clip_tokenizer", "write_t5_tokenizer", "denoise_step",
+           "Sampling"]
 
 # CLI names -> (diffusers scheduler class name, extra config)
 SAMPLERS = {
@@ -286,6 +288,24 @@ def write_clip_tokenizer(directory, words, max_length: int = 77):
     return tokenizer
 
 
+def write_t5_tokenizer(directory, words, max_length: int = 120):
+    """Write a word-level tokenizer with T5's special tokens (pad 0, eos 1, unk 2; eos appended), save and return it:
+    what T5-conditioned pipelines (PixArt, SD3, Flux) call, made locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=max_length)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
 def denoise_step(denoiser, scheduler, latents, t, guidance: float, cfg: bool = True, **inputs):
     """One sampler step with classifier-free guidance, as diffusers' SD pipelines run it: both branches in one
     batch (unconditional first), `guidance` times their difference added to the unconditional prediction."""
@@ -295,3 +315,57 @@ def denoise_step(denoiser, scheduler, latents, t, guidance: float, cfg: bool = T
         uncond, cond = eps.chunk(2)
         eps = uncond + guidance * (cond - uncond)
     return scheduler.step(eps, t, latents, return_dict=False)[0]
+
+
+class Sampling:
+    """A pipeline's denoising loop step by step, as its `__call__` runs it, for SD (UNet) and PixArt pipelines: the
+    first latents and scheduler, one step of a denoiser (the pipeline's or a patched one), the decoded images."""
+
+    def __init__(self, setup: GenerationSetup):
+        self.setup, pipe = setup, setup.pipe
+        self.pixart = hasattr(pipe, "transformer") and type(pipe).__name__.startswith("PixArt")
+        self.model = pipe.transformer if self.pixart else pipe.unet
+        self.device = self.model.device
+        config = self.model.config
+        self.cfg = setup.guidance > 1 and getattr(config, "time_cond_proj_dim", None) is None
+        self.inputs = self._encode()
+        pipe.scheduler.set_timesteps(setup.num_steps, device=self.device)
+        self.timesteps = pipe.scheduler.timesteps
+        size = config.sample_size * pipe.vae_scale_factor
+        latents = pipe.prepare_latents(len(setup.prompts), config.in_channels, size, size,
+                                       self.inputs["encoder_hidden_states"].dtype, self.device,
+                                       generators(setup.seeds, self.device))
+        self.start = (latents, copy.deepcopy(pipe.scheduler))
+
+    def _encode(self) -> dict:
+        """The denoiser's text inputs for both CFG branches (unconditional first)."""
+        pipe, prompts = self.setup.pipe, self.setup.prompts
+        if not self.pixart:
+            positive, negative = pipe.encode_prompt(prompts, self.device, 1, self.cfg)
+            return {"encoder_hidden_states": torch.cat([negative, positive]) if self.cfg else positive}
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, self.cfg, device=self.device)
+        if self.cfg:
+            embeds, mask = torch.cat([negative, embeds]), torch.cat([negative_mask, mask])
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask,
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def step(self, model, scheduler, latents, t):
+        """One sampler step of `model` from `latents` at timestep `t`."""
+        if not self.pixart:
+            return denoise_step(model, scheduler, latents, t, self.setup.guidance, self.cfg, **self.inputs)
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if self.cfg else latents, t)
+        out = model(x, timestep=t[None].expand(x.shape[0]) if t.ndim == 0 else t, return_dict=False,
+                    **self.inputs)[0]
+        if self.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.setup.guidance * (cond - uncond)
+        if model.config.out_channels // 2 == latents.shape[1]:  # learned sigma: the noise is the first half
+            out = out.chunk(2, dim=1)[0]
+        return scheduler.step(out, t, latents, return_dict=False)[0]
+
+    @torch.no_grad()
+    def images(self, latents) -> np.ndarray:
+        """Decoded images (N, H, W, 3) float32 in [0, 1]."""
+        vae = self.setup.pipe.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()

@@ -3,7 +3,6 @@ process's memory and the cache checked as they go. Not part of CI; `bash scripts
 
 import argparse
 import gc
-import json
 import random
 import time
 
@@ -41,7 +40,7 @@ def main() -> int:
         schedule, mode, size = schedules[g % len(schedules)], modes[g % len(modes)], sizes[(g // 7) % len(sizes)]
         fail_at = (g * 5) % args.steps if g % 9 == 0 else None
 
-        def callback(p, i, t, kwargs, fail_at=fail_at):
+        def callback(p, i, t, kwargs, fail_at=fail_at, g=g):
             if i == fail_at:
                 raise Injected(f"generation {g}, step {i}")
             return kwargs

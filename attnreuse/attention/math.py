@@ -72,7 +72,7 @@ def attention_map(attn, query: torch.Tensor, key: torch.Tensor, mask, scale: flo
     """softmax(Q K^T * scale + mask) for flat Q and K, as `Attention.get_attention_scores` (upcasting included)
     with the scale the layer's processor applies. `perturb` maps the logits before the mask is added."""
     dtype = query.dtype
-    if attn.upcast_attention:
+    if getattr(attn, "upcast_attention", False):
         query, key = query.float(), key.float()
     folded = mask if perturb is None else None  # the mask goes into baddbmm unless the bare logits are needed
     if folded is None:
@@ -81,7 +81,7 @@ def attention_map(attn, query: torch.Tensor, key: torch.Tensor, mask, scale: flo
     else:
         beta = 1
     scores = torch.baddbmm(folded, query, key.transpose(-1, -2), beta=beta, alpha=scale)
-    if attn.upcast_softmax:
+    if getattr(attn, "upcast_softmax", False):
         scores = scores.float()
     if perturb is not None:
         scores = perturb(scores)

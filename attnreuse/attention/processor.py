@@ -20,38 +20,19 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from diffusers.models import attention_processor as ap
 
 from ..cache import AUTO, CROSS, MAP, NONE, OUTPUT, QK, LayerCache, Slot, slot_bytes
 from ..state import REUSE, STORE, StepTracker
 from .cpu_store import CoreThreads, map_store_cpu
+from .families import FAMILIES, Frame, Standard
 from .kernel_check import kernel_ok
-from .math import (
-    FP8_SCALE,
-    attention_map,
-    context,
-    enter,
-    flat,
-    leave,
-    merge,
-    output_via_map,
-    pack,
-    split,
-    times_map,
-    unscale,
-)
+from .math import FP8_SCALE, attention_map, flat, output_via_map, pack, times_map, unscale
 
-__all__ = ["ReuseAttnProcessor", "SUPPORTED_PROCESSORS", "Conventions", "AUTO_MAP_MAX_PAIRS"]
+__all__ = ["ReuseAttnProcessor", "SUPPORTED_PROCESSORS", "AUTO_MAP_MAX_PAIRS"]
 
-# Processors whose math is plain softmax(Q K^T * scale) V; anything else (IP-Adapter, added KV, fused QKV...)
-# would be silently changed at store and reuse calls, so it is refused at apply time.
-SUPPORTED_PROCESSORS: tuple[type, ...] = tuple(
-    getattr(ap, name)
-    for name in ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
-                 "AttnProcessorNPU")
-    if hasattr(ap, name)
-)
-_DEFAULT_SCALE = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "AttnProcessorNPU") if hasattr(ap, n))
+# Processors whose math a family (`families`) reproduces; anything else (IP-Adapter, fused QKV...) would be
+# silently changed at store and reuse calls, so it is refused at apply time.
+SUPPORTED_PROCESSORS: tuple[type, ...] = tuple(FAMILIES)
 
 # `auto`: a self-attention layer keeps its map when the map has at most this many (query, key) pairs per head,
 # else Q and K. On CUDA flash attention recomputes a map about as fast as A V reads it back (docs/BENCHMARKS.md,
@@ -59,65 +40,43 @@ _DEFAULT_SCALE = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "AttnProcess
 AUTO_MAP_MAX_PAIRS = {"cuda": 0, "cpu": 4096 * 4096}
 
 
-class Conventions:
-    """How the replaced processor computes Q, K, V and the scale: diffusers' SDPA processors scale by
-    1/sqrt(head_dim) whatever `attn.scale` says, and only AttnProcessor2_0 applies the QK norms."""
-
-    def __init__(self, original):
-        self.default_scale = isinstance(original, _DEFAULT_SCALE)
-        self.qk_norm = isinstance(original, ap.AttnProcessor2_0)
-
-    def scale(self, attn, query: torch.Tensor) -> float:
-        return query.shape[-1] ** -0.5 if self.default_scale else attn.scale
-
-    def qkv(self, attn, x, text) -> tuple:
-        """Q, K, V as (batch, heads, tokens, dim) and the scale."""
-        norm_q, norm_k = (attn.norm_q, attn.norm_k) if self.qk_norm else (None, None)
-        query = split(attn, attn.to_q(x), norm_q)
-        return query, split(attn, attn.to_k(text), norm_k), split(attn, attn.to_v(text)), self.scale(attn, query)
-
-
-def _mask(attn, mask, keys: int, batch: int, heads: bool):
-    """The layer's mask for SDPA (batch, heads, queries, keys) or for the explicit map (batch*heads, ., keys)."""
-    if mask is None:
-        return None
-    mask = attn.prepare_attention_mask(mask, keys, batch)
-    return mask.view(batch, attn.heads, -1, mask.shape[-1]) if heads else mask
-
-
-def _sdpa(attn, query, key, value, mask, scale):
-    mask = _mask(attn, mask, key.shape[2], query.shape[0], heads=True)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+def _upcast(attn) -> bool:
+    return getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False)
 
 
 class ReuseAttnProcessor:
-    """Attention with a cache slot per layer, following the handle's tracker (see the module docstring)."""
+    """Attention with a cache slot per layer, following the handle's tracker (see the module docstring); `family`
+    (`families`) says how the replaced processor builds Q, K, V and its output."""
 
     def __init__(self, name: str, index: int, original, tracker: StepTracker, cache: LayerCache, mode: str = MAP,
-                 cross: bool = False, cache_dtype=None, kernels: bool = True, threads: CoreThreads | None = None):
+                 cross: bool = False, cache_dtype=None, kernels: bool = True, threads: CoreThreads | None = None,
+                 family=None):
         self.name, self.index, self.original, self.tracker, self.cache = name, index, original, tracker, cache
         self.mode = CROSS if cross else mode  # cross-attention is the exact cross cache in every mode
         self.cache_dtype, self.kernels, self.threads = cache_dtype, kernels, threads
-        self.conventions = Conventions(original)
+        self.family = family or Standard(original)
         params = inspect.signature(original.__call__).parameters
         self._original_kwargs = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, temb=None,
+                 image_rotary_emb=None, rotary_emb=None, **kwargs):
         action = self.tracker.now[self.index]
         slot = self.cache.get(self.name, self.tracker.call) if action == REUSE else None
+        named = dict(kwargs, temb=temb, image_rotary_emb=image_rotary_emb, rotary_emb=rotary_emb)
         if action not in (STORE, REUSE) or (slot is not None and slot.kind == NONE):
-            extra = {k: v for k, v in dict(kwargs, temb=temb).items() if k in self._original_kwargs and v is not None}
-            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **extra)
-        x, residual, shape = enter(attn, hidden_states, temb)
-        text = context(attn, x, encoder_hidden_states)
+            extra = {k: v for k, v in named.items() if k in self._original_kwargs and v is not None}
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra)
+        fifth = args[0] if args else None  # Flux and Wan layers pass their rotary embedding fifth, by position
+        rotary = next((r for r in (image_rotary_emb, rotary_emb, fifth) if r is not None), None)
+        frame = self.family.frame(attn, hidden_states, encoder_hidden_states, temb if temb is not None else fifth,
+                                  rotary)
         if action == STORE:
-            out = self._store(attn, x, text, attention_mask)
+            projected = self._store(attn, frame, attention_mask)
         else:
-            out = self._reuse(attn, x, text, attention_mask, slot)
-        return leave(attn, out, residual, shape)
+            projected = self._reuse(attn, frame, attention_mask, slot)
+        return self.family.leave(attn, projected, frame)
 
-    def _kind(self, attn, query, key) -> str:
+    def _kind(self, query, key) -> str:
         """What this layer keeps: its mode (auto resolved by map size), or under a budget what fits."""
         kind = self.mode
         if kind == AUTO:
@@ -127,29 +86,36 @@ class ReuseAttnProcessor:
         if budget is None:
             return kind
         shapes = (tuple(query.shape), tuple(key.shape), query.dtype)
-        return budget.choose(self.name, shapes, kind, lambda k: self._predicted(k, attn, query, key),
+        return budget.choose(self.name, shapes, kind, lambda k: self._predicted(k, query, key),
                              self.cache.slots, self.cache.memory)
 
-    def _predicted(self, kind, attn, query, key) -> int:
+    def _predicted(self, kind, query, key) -> int:
+        """Bytes a slot of `kind` would hold (an output counted as one (batch, queries, heads*dim) tensor)."""
         b, h, q, d = query.shape
         dtype = self.cache_dtype or query.dtype
-        output = b * q * attn.to_out[0].out_features * query.element_size()
+        output = b * q * h * d * query.element_size()
         qk = slot_bytes(Slot(QK, query=query, key=key))
         return {MAP: b * h * q * key.shape[2] * dtype.itemsize, QK: qk, OUTPUT: output, CROSS: qk + output,
                 NONE: 0}[kind]
 
-    def _store(self, attn, x, text, mask):
-        query, key, value, scale = self.conventions.qkv(attn, x, text)
-        kind = self._kind(attn, query, key)
+    def _sdpa(self, attn, query, key, value, mask, scale) -> torch.Tensor:
+        """Flash (or SDPA) attention, (batch, queries, heads*dim)."""
+        mask = self.family.mask(attn, mask, query, key, heads=True)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).flatten(2)
+
+    def _store(self, attn, frame: Frame, mask):
+        query, key, value = self.family.qkv_of(attn, frame)
+        scale, tokens = self.family.scale(attn, query), self.family.tokens(frame)
+        kind = self._kind(query, key)
         if kind == MAP:
             out, attn_map, factor = self._map_store(attn, query, key, value, mask, scale)
-            out = attn.to_out[1](attn.to_out[0](out))
-            self.cache.put(self.name, Slot(MAP, attn_map=attn_map, unscale=factor))
-            return out
-        out = merge(attn, _sdpa(attn, query, key, value, mask, scale))
+            self.cache.put(self.name, Slot(MAP, attn_map=attn_map, unscale=factor, tokens=tokens))
+            return self.family.project(attn, out, frame)
+        out = self.family.project(attn, self._sdpa(attn, query, key, value, mask, scale), frame)
         slot = {QK: Slot(QK, query=query, key=key), OUTPUT: Slot(OUTPUT, output=out),
                 CROSS: Slot(CROSS, query=query, key=key, output=out), NONE: Slot(NONE)}[kind]
-        self.cache.put(self.name, slot)
+        self.cache.put(self.name, slot._replace(tokens=tokens))
         return out
 
     def _map_store(self, attn, query, key, value, mask, scale):
@@ -157,8 +123,7 @@ class ReuseAttnProcessor:
         undoes an fp8 scale or None)."""
         b, h, q, d = query.shape
         map_dtype = self.cache_dtype or query.dtype
-        if (mask is None and not (attn.upcast_attention or attn.upcast_softmax) and self.kernels
-                and kernel_ok("store", query, d, map_dtype)):
+        if mask is None and not _upcast(attn) and self.kernels and kernel_ok("store", query, d, map_dtype):
             out, attn_map = torch.ops.attnreuse.attention_with_map(query, key, value, scale, map_dtype in FP8_SCALE)
             return out.view(b, q, h * d), attn_map, unscale(map_dtype)
         if (query.device.type == "cpu" and mask is None and query.dtype == torch.float32
@@ -167,42 +132,37 @@ class ReuseAttnProcessor:
             out = map_store_cpu(query, key, value, scale, attn_map, FP8_SCALE.get(map_dtype), self.threads)
             factor = unscale(map_dtype)
         else:
-            mask = _mask(attn, mask, key.shape[2], b, heads=False)
+            mask = self.family.mask(attn, mask, query, key, heads=False)
             out = attention_map(attn, flat(query), flat(key), mask, scale)
             attn_map, factor = pack(out, self.cache_dtype)
             out = (times_map(attn_map, flat(value), factor) if output_via_map(attn_map.dtype, out.dtype)
                    else torch.bmm(out, flat(value)))
         return out.view(b, h, q, d).transpose(1, 2).reshape(b, q, h * d), attn_map, factor
 
-    def _reuse(self, attn, x, text, mask, slot: Slot):
-        self._check(slot, attn.heads, x, text)
+    def _reuse(self, attn, frame: Frame, mask, slot: Slot):
+        self._check(slot, self.family.tokens(frame))
         if slot.kind == OUTPUT or (slot.kind == CROSS and not self.cache.changed[self.index]):
             return slot.output
-        value = split(attn, attn.to_v(text))
+        value = self.family.value(attn, frame)
         if slot.kind == MAP:
             b, h, k, d = value.shape
             if self.kernels and kernel_ok("reuse", value, d, slot.attn_map.dtype):
                 factor = 1.0 if slot.unscale is None else slot.unscale
-                out = torch.ops.attnreuse.apply_map(slot.attn_map, value, factor)
-                return attn.to_out[1](attn.to_out[0](out.view(b, -1, h * d)))
-            return merge(attn, times_map(slot.attn_map, flat(value), slot.unscale).view(b, h, -1, d))
+                out = torch.ops.attnreuse.apply_map(slot.attn_map, value, factor).view(b, -1, h * d)
+            else:
+                out = times_map(slot.attn_map, flat(value), slot.unscale).view(b, h, -1, d).transpose(1, 2).flatten(2)
+            return self.family.project(attn, out, frame)
         # qk, or cross-attention with a changed text
-        scale = self.conventions.scale(attn, slot.query)
-        return merge(attn, _sdpa(attn, slot.query, slot.key, value, mask, scale))
+        scale = self.family.scale(attn, slot.query)
+        return self.family.project(attn, self._sdpa(attn, slot.query, slot.key, value, mask, scale), frame)
 
-    def _check(self, slot: Slot, heads: int, x, text):
+    def _check(self, slot: Slot, now: tuple):
         """A reuse call must see the batch and tokens the store call kept: else the kept tensors would broadcast or
         fail inside torch."""
-        if slot.kind == MAP:
-            kept = (slot.attn_map.shape[0] / heads, slot.attn_map.shape[1], slot.attn_map.shape[2])
-        elif slot.kind == OUTPUT:
-            kept = (slot.output.shape[0], slot.output.shape[1], text.shape[1])
-        else:
-            kept = (slot.query.shape[0], slot.query.shape[2], slot.key.shape[2])
-        if kept != (x.shape[0], x.shape[1], text.shape[1]):
+        if slot.tokens != now:
             raise RuntimeError(
-                f"attnreuse: layer {self.name!r} kept (batch, queries, keys) = {tuple(int(n) for n in kept)} at its "
-                f"store call but call {self.tracker.call} has {(x.shape[0], x.shape[1], text.shape[1])}. The batch or "
+                f"attnreuse: layer {self.name!r} kept (batch, queries, keys) = {tuple(int(n) for n in slot.tokens)} "
+                f"at its store call but call {self.tracker.call} has {tuple(int(n) for n in now)}. The batch or "
                 "resolution changed within one generation (e.g. CFG run as separate calls); run each as its own "
                 "generation (handle.generation()) or reset the handle between such calls."
             )

@@ -79,7 +79,7 @@ def attention_only(batch: int, heads: int, tokens: int, dim: int, device, dtype,
             **{name: {"ms": ms, "x": ms / base} for name, ms in result.items()}}
 
 
-def _timing_hooks(unet, kinds, device, shapes, spent) -> list:
+def _timing_hooks(model, kinds, device, shapes, spent) -> list:
     """Hooks on every attention module that add its time to `spent[kind]` and note self-attention shapes."""
     clock = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
@@ -87,7 +87,9 @@ def _timing_hooks(unet, kinds, device, shapes, spent) -> list:
     def before(name):
         def hook(mod, args, kwargs):
             if kinds[name] == "self":
+                text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 tokens = (args[0] if args else kwargs["hidden_states"]).shape[1]
+                tokens += 0 if text is None else text.shape[1]  # joint attention (SD3, Flux) over both streams
                 shapes.append((mod.heads, tokens, mod.inner_dim // mod.heads))
             sync()
             clock[name] = time.perf_counter()
@@ -99,28 +101,29 @@ def _timing_hooks(unet, kinds, device, shapes, spent) -> list:
             spent[kinds[name]] += time.perf_counter() - clock[name]
         return hook
 
-    modules = {name: unet.get_submodule(name) for name in kinds}
+    modules = {name: model.get_submodule(name) for name in kinds}
     return [h for name, m in modules.items() for h in (m.register_forward_pre_hook(before(name), with_kwargs=True),
                                                       m.register_forward_hook(after(name), with_kwargs=True))]
 
 
-def attention_profile(unet, inputs, device, calls: int = 3) -> tuple[tuple[int, int, int], dict, int]:
+def attention_profile(model, inputs, device, calls: int = 3) -> tuple[tuple[int, int, int], dict, int]:
     """From plain calls with hooks on every attention module: (heads, tokens, head dim) of the self-attention layer
     with the most tokens, the median share of a call spent in self- and cross-attention modules, and the number
     of entries of all self-attention maps of one call (batch included)."""
-    kinds, device = attention_layers(unet), torch.device(device)
+    kinds, device = attention_layers(model), torch.device(device)
     shapes, spent, shares = [], {"self": 0.0, "cross": 0.0}, {"self": [], "cross": []}
-    hooks = _timing_hooks(unet, kinds, device, shapes, spent)
-    t = torch.tensor(500.0, device=inputs["sample"].device)
+    hooks = _timing_hooks(model, kinds, device, shapes, spent)
+    sample = inputs.get("sample", inputs.get("hidden_states"))
+    inputs = {"timestep": torch.tensor(500.0, device=sample.device), **inputs}  # a transformer's own timestep wins
     try:
         with torch.no_grad():
             for _ in range(calls):
                 spent.update(self=0.0, cross=0.0)
-                total = timed(lambda: unet(timestep=t, **inputs), device)[1]
+                total = timed(lambda: model(**inputs), device)[1]
                 for kind, seconds in spent.items():
                     shares[kind].append(seconds / total)
     finally:
         for h in hooks:
             h.remove()
-    pairs = inputs["sample"].shape[0] * sum(h * t * t for h, t, _ in shapes) // calls
+    pairs = sample.shape[0] * sum(h * t * t for h, t, _ in shapes) // calls
     return max(shapes, key=lambda s: s[1]), {kind: statistics.median(v) for kind, v in shares.items()}, pairs

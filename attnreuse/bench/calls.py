@@ -14,13 +14,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from ..reuse import apply_attention_reuse
+from ..plan import Plan, Unit
+from ..reuse import apply_reuse
 from ..schedule import Schedule
 from ..utils import SD_SCHEDULER, denoise_step, timed
 
-__all__ = ["VARIANTS", "options", "usable", "fp8_ok", "too_large", "count_operators", "per_call", "end_to_end"]
+__all__ = ["VARIANTS", "options", "applied", "usable", "fp8_ok", "too_large", "count_operators", "per_call",
+           "end_to_end"]
 
-# name -> options of apply_attention_reuse
+# name -> options of apply_attention_reuse; "blocks" is a plan: every transformer block reuses its residual
 VARIANTS = {
     "map": dict(mode="map"),
     "map-torch": dict(mode="map", kernels=False),
@@ -30,6 +32,7 @@ VARIANTS = {
     "qk": dict(mode="qk"),
     "output": dict(mode="output"),
     "auto": dict(mode="auto"),
+    "blocks": dict(),
 }
 
 
@@ -106,8 +109,12 @@ def too_large(variants, pairs: int, dtype, device, max_cache_bytes) -> dict[str,
 
 
 @contextmanager
-def _applied(unet, schedule, variant, **extra):
-    with apply_attention_reuse(unet, schedule, **options(variant), **extra) as handle:
+def applied(model, schedule, variant, **extra):
+    """A variant applied to `model` with `schedule`'s bits (for "blocks", those of a blocks unit)."""
+    if variant == "blocks":
+        extra.pop("max_cache_bytes", None)  # a budget bounds attention slots only
+        schedule = Plan({"blocks": Unit("blocks", Schedule(schedule).bits)})
+    with apply_reuse(model, schedule, **options(variant), **extra) as handle:
         yield handle
 
 
@@ -117,16 +124,16 @@ _PER_CALL = "1101101"
 _AROUND = {1: [0, 3], 2: [0, 3], 4: [3, 6], 5: [3, 6]}  # the plain calls either side of each measured call
 
 
-def _per_call_rounds(unet, call, variants, repeats, device, skip, budget) -> tuple[list, dict, dict, dict]:
+def _per_call_rounds(model, call, variants, repeats, device, skip, budget) -> tuple[list, dict, dict, dict]:
     """The stock call and each variant's seven calls per round; round 0 counts operators (eager) or warms up."""
     plain, runs, cache, failed = [], {v: [] for v in variants}, {}, dict(skip)
-    count = not hasattr(unet, "_orig_mod")  # a compiled UNet runs graphs that a dispatch mode would retrace
+    count = not hasattr(model, "_orig_mod")  # a compiled denoiser runs graphs that a dispatch mode would retrace
     for round_ in tqdm(range(repeats + 1), desc="per call (round 0 is warm-up)", dynamic_ncols=True):
         measure = count_operators if round_ == 0 and count else lambda fn: _ms(fn, device)
         plain.append(measure(call))
         for variant in [v for v in variants if v not in failed]:
             try:
-                with _applied(unet, Schedule(_PER_CALL), variant, max_cache_bytes=budget) as handle:
+                with applied(model, Schedule(_PER_CALL), variant, max_cache_bytes=budget) as handle:
                     runs[variant].append([measure(call) for _ in _PER_CALL])
                     cache[variant] = handle.stats()["peak_cache_bytes"] / 2**20
             except torch.OutOfMemoryError:
@@ -148,18 +155,18 @@ def _per_call_row(calls: list, counted: bool) -> dict:
     return dict(row, runs_ms=ms.tolist())
 
 
-def per_call(unet, inputs, variants, repeats: int, device, skip=(), max_cache_bytes=None) -> dict:
+def per_call(model, inputs, variants, repeats: int, device, skip=(), max_cache_bytes=None) -> dict:
     """Milliseconds of plain, store and reuse calls of each variant, and each as a ratio to the plain calls next to
     it (their median over rounds is the `*_x` figure). Each variant runs `_PER_CALL` per round behind a handle; a
     plain call of the stock processors (`sdpa`) opens each round. `first_store` is a handle's first store (new
     memory), `store` writes over kept memory (CPU maps), as every later store does. `runs_ms` keeps every call;
-    the warm-up round of an eager UNet counts operators instead (`ops`)."""
-    t = torch.tensor(500.0, device=device)
+    the warm-up round of an eager denoiser counts operators instead (`ops`)."""
+    inputs = {"timestep": torch.tensor(500.0, device=device), **inputs}  # a transformer's own timestep wins
     run = usable(variants, device, skip)
     with torch.no_grad():
-        plain, runs, cache, failed = _per_call_rounds(unet, lambda: unet(timestep=t, **inputs), run, repeats,
-                                                      device, skip, max_cache_bytes)
-    counted = not hasattr(unet, "_orig_mod")
+        plain, runs, cache, failed = _per_call_rounds(model, lambda: model(**inputs), run, repeats, device, skip,
+                                                      max_cache_bytes)
+    counted = not hasattr(model, "_orig_mod")
     result = {"sdpa": {"ms": statistics.median(plain[1:]), "x": 1.0, "runs_ms": plain[1:]}}
     if counted:
         result["sdpa"]["ops"] = plain[0]
@@ -171,22 +178,40 @@ def per_call(unet, inputs, variants, repeats: int, device, skip=(), max_cache_by
     return result
 
 
-def _sampler(unet, inputs, steps: int, device, guidance: float):
-    """A DDIM loop with CFG over the inputs' latents (the UNet batch holds both branches), and its scheduler."""
+def _sampler(model, inputs, steps: int, device, guidance: float):
+    """A DDIM loop with CFG over a UNet's inputs (the batch holds both branches), and its scheduler; for a
+    transformer, a flow-matching Euler loop over its inputs (the batch as given) with no scheduler."""
     from diffusers import DDIMScheduler
 
+    if "sample" not in inputs:
+        return _flow_sampler(model, inputs, steps), None
     scheduler = DDIMScheduler(**SD_SCHEDULER)
     latents0 = inputs["sample"][:inputs["sample"].shape[0] // 2]
-    extra = {k: v for k, v in inputs.items() if k != "sample"}
+    extra = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
 
     def sample():
         scheduler.set_timesteps(steps, device=device)
         latents = latents0.clone()
         for t in scheduler.timesteps:
-            latents = denoise_step(unet, scheduler, latents, t, guidance, **extra)
+            latents = denoise_step(model, scheduler, latents, t, guidance, **extra)
         return latents
 
     return sample, scheduler
+
+
+def _flow_sampler(model, inputs, steps: int):
+    """`steps` Euler steps of the transformer's flow from its inputs' latents, the timestep falling from the inputs'
+    to 0 (a learned variance's channels are left out)."""
+    start, t0 = inputs["hidden_states"], inputs["timestep"]
+
+    def sample():
+        x = start.clone()
+        for c in range(steps):
+            out = model(**dict(inputs, hidden_states=x, timestep=t0 * (1 - c / steps)), return_dict=False)[0]
+            x = x - out[:, :x.shape[1]] / steps
+        return x
+
+    return sample
 
 
 def _kept(handle) -> tuple:
@@ -201,13 +226,13 @@ def _keep(handle, kept: tuple) -> None:
         handle.cache.budget.reserved = kept[1]
 
 
-def _end_to_end_rounds(unet, sample, scheduler, variants, schedule, repeats, device, budget):
+def _end_to_end_rounds(model, sample, scheduler, variants, schedule, repeats, device, budget):
     """Warm-up (and each variant's output), then timed rounds: no reuse, then each variant, per round."""
     runs, outputs, peaks, kept = {"none": []}, {}, {}, {}
     reference = sample()
     for variant in tqdm(list(variants), desc="end to end, warm-up", dynamic_ncols=True):
         try:
-            with _applied(unet, Schedule(schedule), variant, scheduler=scheduler, max_cache_bytes=budget) as h:
+            with applied(model, Schedule(schedule), variant, scheduler=scheduler, max_cache_bytes=budget) as h:
                 outputs[variant] = sample()
                 kept[variant] = _kept(h)  # later generations write over them
             runs[variant] = []
@@ -217,7 +242,7 @@ def _end_to_end_rounds(unet, sample, scheduler, variants, schedule, repeats, dev
     for _ in tqdm(range(repeats), desc="end to end, timed rounds", dynamic_ncols=True):
         runs["none"].append(_ms(sample, device))
         for variant in variants:
-            with _applied(unet, Schedule(schedule), variant, scheduler=scheduler, max_cache_bytes=budget) as h:
+            with applied(model, Schedule(schedule), variant, scheduler=scheduler, max_cache_bytes=budget) as h:
                 _keep(h, kept[variant])
                 runs[variant].append(_ms(sample, device))
                 peaks[variant] = h.stats()["peak_cache_bytes"]
@@ -225,16 +250,16 @@ def _end_to_end_rounds(unet, sample, scheduler, variants, schedule, repeats, dev
     return runs, reference, outputs, peaks
 
 
-def end_to_end(unet, inputs, variants, schedule: str, repeats: int, device, guidance: float = 7.5, skip=(),
+def end_to_end(model, inputs, variants, schedule: str, repeats: int, device, guidance: float = 7.5, skip=(),
                max_cache_bytes=None) -> dict:
     """Milliseconds per image batch of a DDIM loop with CFG, no reuse against each variant with `schedule`,
     interleaved (baseline, variants, baseline, ...) so drift hits all. `speedup` divides the baseline's median by
     the variant's; `speedup_local` is the median over rounds of each run against the mean of the baseline runs just
     before and after it. A timed run is a later generation of a handle: its kept map memory (CPU) comes from the
     variant's warm-up run, as when a user applies reuse once and generates many images."""
-    sample, scheduler = _sampler(unet, inputs, len(schedule), device, guidance)
+    sample, scheduler = _sampler(model, inputs, len(schedule), device, guidance)
     with torch.no_grad():
-        runs, reference, outputs, peaks = _end_to_end_rounds(unet, sample, scheduler, usable(variants, device, skip),
+        runs, reference, outputs, peaks = _end_to_end_rounds(model, sample, scheduler, usable(variants, device, skip),
                                                              schedule, repeats, device, max_cache_bytes)
     base = statistics.median(runs["none"])
     around = np.convolve(runs["none"] + runs["none_again"][:1], [0.5, 0.5], "valid")  # baselines either side

@@ -10,7 +10,8 @@ __all__ = ["markdown"]
 def _heading(r: dict) -> list[str]:
     s = r["setup"]
     budget = s.get("max_cache_bytes")
-    lines = [f"### {s['arch']} {s['resolution']}x{s['resolution']}, batch {s['batch']}, {s['dtype']}"
+    reduced = "".join(f", {s[k]} {k.replace('_', ' ')}" for k in ("layers", "text_tokens") if s.get(k))
+    lines = [f"### {s['arch']} {s['resolution']}x{s['resolution']}{reduced}, batch {s['batch']}, {s['dtype']}"
              f"{', torch.compile' if s['compiled'] else ''}"
              f"{f', cache budget {gib(budget)}' if budget is not None else ''} on {s['device']}", ""]
     if "attention_share" in r:
@@ -42,8 +43,10 @@ def _per_call(pc: dict) -> list[str]:
     return lines
 
 
-def _end_to_end(e2e: dict, schedule: str) -> list[str]:
-    lines = ["", f"End to end, {len(schedule)}-step DDIM with CFG, schedule `{schedule}`:", "",
+def _end_to_end(e2e: dict, schedule: str, loop: str = "ddim-cfg") -> list[str]:
+    kind = "DDIM with CFG" if loop == "ddim-cfg" else "flow-matching Euler loop (the batch as given)"
+    lines = ["", f"End to end, {len(schedule)}-step {kind}, schedule `{schedule}` (blocks: the same bits for every "
+             "transformer block's residual):", "",
              "| mode | time | speed-up (medians) | speed-up (each run against the baselines around it) "
              "| RMS change of the final latents | cache |", "|---|---|---|---|---|---|"]
     for name, row in e2e.items():
@@ -62,6 +65,6 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         lines += _heading(r) + _per_call(r["per_call"])
         if "end_to_end" in r:
-            lines += _end_to_end(r["end_to_end"], r["setup"]["schedule"])
+            lines += _end_to_end(r["end_to_end"], r["setup"]["schedule"], r["setup"].get("loop", "ddim-cfg"))
         lines.append("")
     return "\n".join(lines)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..bench import PAPER_PHAST_DDIM20, VARIANTS, bench, markdown, quality
-from ..bench.models import RESOLUTION
+from ..bench.models import RESOLUTION, TRANSFORMERS
 from ..default_model.splits import EVALUATION
-from ..testing import ARCHS
+from ..testing import ARCHS, MODEL_ONLY
 from ..utils import atomic_write, read_json, write_json
 from . import checks
 from .checks import UsageError
@@ -18,16 +18,20 @@ __all__ = ["register", "run_bench"]
 
 def register(sub) -> None:
     b = sub.add_parser(
-        "bench", help="per-call and end-to-end cost of each reuse mode on the SD1.5 / SDXL UNet architectures",
-        description="Random-weight UNets from the published configs (attnreuse/bench/configs): milliseconds of "
-                    "plain, store and reuse calls per mode and a 20-step DDIM loop with the paper's PHAST schedule, "
-                    "each as a ratio to the no-reuse baseline measured in the same run. fp16 on CUDA, fp32 on CPU.")
-    b.add_argument("--arch", default="sd15", help="comma list of sd15, sdxl")
+        "bench", help="per-call and end-to-end cost of each reuse mode on UNet and transformer architectures",
+        description="Random-weight denoisers from the published configs (attnreuse/bench/configs): milliseconds of "
+                    "plain, store and reuse calls per mode and a 20-step loop (DDIM with CFG for UNets, a "
+                    "flow-matching Euler loop for transformers) with the paper's PHAST schedule, each as a ratio to "
+                    "the no-reuse baseline measured in the same run. fp16 on CUDA, fp32 on CPU.")
+    b.add_argument("--arch", default="sd15", help="comma list of sd15, sdxl, pixart-sigma, sd3-medium, flux-dev (or a "
+                                                  "tiny one of attnreuse.testing)")
+    b.add_argument("--layers", type=int, help="transformers: keep this many blocks (Flux: of each kind), for a CPU")
+    b.add_argument("--text-tokens", type=int, help="transformers: text tokens per call (default: the pipeline's)")
     b.add_argument("--batch", default="2", help="comma list of UNet batch sizes (2 = one image with CFG)")
     b.add_argument("--modes", default="map,map-torch,map-fp8,qk,output,auto",
                    help="comma list of: map (Triton kernels where they run), map-torch (plain torch), map-fp16, "
-                        "map-bf16 (the fast 16-bit map on CPUs with AMX), map-fp8, qk, output, auto; 'none' for the "
-                        "plain call only")
+                        "map-bf16 (the fast 16-bit map on CPUs with AMX), map-fp8, qk, output, auto, blocks (every "
+                        "transformer block reuses its residual); 'none' for the plain call only")
     b.add_argument("--schedule", default=None, help="end-to-end schedule (default: the paper's PHAST, r=10)")
     b.add_argument("--repeats", type=int, help="timed calls per kind (default: 20 on CUDA, where one call is "
                                                "launch-bound and jittery, 3 on CPU)")
@@ -67,17 +71,22 @@ def check_bench(args) -> tuple[list[str], list[int], tuple, tuple | None]:
     """Every argument of `bench`, before anything is built: architectures, batches, modes and the rest."""
     checks.device(args.device)
     archs = [a for a in args.arch.split(",") if a]
-    unknown = [a for a in archs if a not in RESOLUTION and a not in ARCHS]
+    known = {*RESOLUTION, *TRANSFORMERS, *ARCHS, *MODEL_ONLY}
+    unknown = [a for a in archs if a not in known]
     if not archs or unknown:
-        raise UsageError(f"--arch {args.arch!r}: choose from {sorted(RESOLUTION)} (or {sorted(ARCHS)}).")
+        raise UsageError(f"--arch {args.arch!r}: choose from {sorted({*RESOLUTION, *TRANSFORMERS})} (or "
+                         f"{sorted({*ARCHS, *MODEL_ONLY})}).")
+    checks.at_least(args.layers, "--layers", 1)
+    checks.at_least(args.text_tokens, "--text-tokens", 1)
     batches = _numbers(args.batch, "--batch")
     modes, e2e = _modes(args.modes), None if args.e2e_modes is None else _modes(args.e2e_modes)
     bad = [m for m in (*modes, *(e2e or ())) if m not in VARIANTS]
     if bad:
         raise UsageError(f"Unknown bench mode(s) {bad}; choose from {sorted(VARIANTS)}.")
-    if (e2e is None and modes or e2e) and any(b % 2 for b in batches):
-        raise UsageError("--batch: the end-to-end loop runs both CFG branches in one batch, so batches must be even "
-                         "(or pass --e2e-modes none).")
+    unets = [a for a in archs if a in RESOLUTION or ARCHS.get(a, {}).get("family") == "unet"]
+    if unets and (e2e is None and modes or e2e) and any(b % 2 for b in batches):
+        raise UsageError("--batch: a UNet's end-to-end loop runs both CFG branches in one batch, so batches must be "
+                         "even (or pass --e2e-modes none).")
     for name in ("repeats", "e2e_repeats", "count"):
         checks.at_least(getattr(args, name), f"--{name.replace('_', '-')}", 1)
     checks.image_size(args.size)
@@ -136,7 +145,8 @@ def run_bench(args) -> int:
             repeats = args.repeats or (20 if args.device.startswith("cuda") else 3)
             result = bench(arch, batch, args.device, args.dtype, modes, repeats, args.e2e_repeats,
                            args.schedule or PAPER_PHAST_DDIM20, args.compile, e2e, args.size,
-                           None if args.max_cache is None else int(args.max_cache * 2**30))
+                           None if args.max_cache is None else int(args.max_cache * 2**30), args.layers,
+                           args.text_tokens)
             print(markdown([result]), flush=True)
             results.append(result)
             write_json(path, results)

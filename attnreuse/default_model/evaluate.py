@@ -13,7 +13,7 @@ import numpy as np
 from ..reuse import apply_attention_reuse
 from ..schedule import Schedule
 from ..utils import GenerationSetup, device_name, image_grid, mean_psnr, save_image, write_json
-from . import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, load_default_pipeline
+from . import DEFAULT_GUIDANCE, default_model_dir, load_default_pipeline
 from .faithfulness import pass_rates
 from .splits import VALIDATION, held_out_captions
 from .train import vae_psnr
@@ -64,11 +64,12 @@ def _generate_seconds(device: str, out: Path) -> float:
 def evaluate_default(model: str | Path | None = None, count: int = 100, steps: int = 20,
                      guidance: float | None = None, device: str = "cpu", out: str | Path | None = None,
                      card: bool = False, reuse: int | None = None, sweep=()) -> dict:
-    """The model card's figures: VAE PSNR on 500 held-out images, faithfulness on `count` one-shape and `count`
-    two-shape evaluation captions (DDIM, `steps` steps, seeds 0..count-1) without and with HURRY reuse, and, for
-    the shipped model, the wall time of `attnreuse generate`. `sweep`: guidance scales to compare on the
-    validation split first. Writes `metrics.json` and `grid.png` into `out`, and the card with `card`."""
-    model_dir = Path(model) if model else DEFAULT_MODEL_DIR
+    """A model card's figures (`model`: a folder, or a shipped model's name: "unet", the default, or "dit"): VAE
+    PSNR on 500 held-out images, faithfulness on `count` one-shape and `count` two-shape evaluation captions (DDIM,
+    `steps` steps, seeds 0..count-1) without and with HURRY reuse, and, for the shipped UNet model, the wall time of
+    `attnreuse generate`. `sweep`: guidance scales to compare on the validation split first. Writes `metrics.json`
+    and `grid.png` into `out`, and the card with `card`."""
+    model_dir = default_model_dir(model)
     pipe = load_default_pipeline(model_dir, device)
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     reuse = steps // 2 if reuse is None else reuse
@@ -80,7 +81,7 @@ def evaluate_default(model: str | Path | None = None, count: int = 100, steps: i
     metrics.update(following)
     if out:
         out = Path(out)
-        if model is None:
+        if model in (None, "unet"):  # `attnreuse generate` runs the shipped UNet model
             out.mkdir(parents=True, exist_ok=True)
             metrics["generate_s"] = _generate_seconds(device, out)
         write_json(out / "metrics.json", metrics)

@@ -1,4 +1,9 @@
-"""Training the default model from a seed: the VAE first, then the UNet and text encoder together.
+"""Training a default model from a seed: the VAE first, then the denoiser and text encoder together.
+
+One recipe for both denoiser families (`Recipe.arch`): "unet" trains the VAE, then the UNet with its CLIP text
+encoder; "dit" reuses the shipped UNet model's VAE (frozen) and trains a PixArt transformer with a T5 text encoder,
+with the same data, loss (epsilon, min-SNR weighting), caption dropout, optimizer, schedule, EMA and checkpoints.
+The `unet_*` fields set the denoiser stage of either family.
 
 Deterministic given the seed (data item i and the noise of step s depend only on them), with a progress bar,
 periodic checkpoints and resume after an interruption (run the same command again), on CPU or CUDA.
@@ -21,11 +26,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..utils import atomic_write, device_name, read_json, write_json
-from .config import build_components
+from .config import ARCHS, MAX_TOKENS, build_components
 from .shapes import batch
 from .splits import HELD_OUT_OFFSET
 
-__all__ = ["Recipe", "train_default", "vae_psnr"]
+__all__ = ["Recipe", "FAMILIES", "train_default", "vae_psnr"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,11 @@ class Recipe:
     ema_decay: float = 0.999
     drop_caption: float = 0.1  # share of empty captions, for classifier-free guidance
     min_snr: float = 5.0
+    arch: str = "unet"  # the denoiser family: "unet", or "dit" (the shipped VAE, frozen; no VAE stage)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}.")
         for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every", "psnr_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -61,10 +69,36 @@ class Recipe:
 
     @property
     def setup(self) -> dict:
-        """What a checkpoint must agree on to be resumed."""
-        return {k: v for k, v in asdict(self).items()
-                if k in ("seed", "vae_batch", "unet_batch", "vae_lr", "unet_lr", "ema_decay", "drop_caption",
-                         "min_snr", "warmup")}
+        """What a checkpoint must agree on to be resumed (a UNet run's as before `arch` existed, so that its
+        checkpoints still resume)."""
+        keys = ("seed", "unet_batch", "unet_lr", "ema_decay", "drop_caption", "min_snr", "warmup")
+        if self.arch == "unet":
+            return {k: v for k, v in asdict(self).items() if k in keys + ("vae_batch", "vae_lr")}
+        return {**{k: v for k, v in asdict(self).items() if k in keys}, "arch": self.arch}
+
+    @property
+    def recorded(self) -> dict:
+        """The fields that training.json records: those this family uses, less the time budget (the step count
+        it fixed is recorded instead)."""
+        unused = ("unet_budget_s",) if self.arch == "unet" else ("unet_budget_s", "vae_steps", "vae_batch", "vae_lr",
+                                                                 "vae_target_psnr", "psnr_images")
+        return {k: v for k, v in asdict(self).items() if k not in unused}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between the denoiser families in training: the pipeline attribute of the denoiser (also its
+    key in checkpoints), the checkpoint file, the progress bar's label and the token ids per training caption
+    (None: the tokenizer's length; the T5 encoder is masked, so its captions need only fit)."""
+
+    denoiser: str
+    checkpoint: str
+    label: str
+    max_length: int | None = None
+
+
+FAMILIES = {"unet": _Family("unet", "unet.pt", "UNet + text encoder"),
+            "dit": _Family("transformer", "dit.pt", "transformer + text encoder", MAX_TOKENS)}
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -124,18 +158,20 @@ def _vae_item(step, seed, batch_size):
     return torch.from_numpy(batch(seed, step * batch_size, batch_size)[0])
 
 
-def _unet_item(step, seed, batch_size, tokenizer, drop_caption, latent_shape, num_train_timesteps):
-    """Step `step`'s images, token ids (captions dropped to "" at random, for classifier-free guidance), noise and
-    timesteps, drawn from a generator seeded by (seed, step)."""
+def _denoiser_item(step, seed, batch_size, tokenizer, drop_caption, latent_shape, num_train_timesteps,
+                   max_length=None):
+    """Step `step`'s images, token ids and their attention mask (captions dropped to "" at random, for
+    classifier-free guidance; `max_length` ids each, by default the tokenizer's), noise and timesteps, drawn from a
+    generator seeded by (seed, step)."""
     images, captions, _ = batch(seed, step * batch_size, batch_size)
     generator = torch.Generator("cpu").manual_seed(seed * 104729 + step)
     drop = torch.rand(batch_size, generator=generator) < drop_caption
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    tokens = tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
     eps = torch.randn((batch_size, *latent_shape), generator=generator)
     t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
-    return torch.from_numpy(images), ids, eps, t
+    return torch.from_numpy(images), tokens.input_ids, tokens.attention_mask, eps, t
 
 
 @torch.no_grad()
@@ -205,31 +241,38 @@ def _train_vae(vae, ckpt: Path, recipe: Recipe, log: list) -> float:
     return time.perf_counter() - start
 
 
-class _UnetStage:
-    """The UNet and text encoder, their EMA copies and optimizer, and where training stands."""
+class _DenoiserStage:
+    """The denoiser (UNet or transformer) and text encoder, their EMA copies and optimizer, and where training
+    stands."""
 
     def __init__(self, parts: dict, recipe: Recipe):
         from diffusers import DDPMScheduler
 
-        self.parts, self.recipe = parts, recipe
-        self.unet, self.text_encoder = parts["unet"], parts["text_encoder"]
+        self.parts, self.recipe, self.family = parts, recipe, FAMILIES[recipe.arch]
+        self.denoiser, self.text_encoder = parts[self.family.denoiser], parts["text_encoder"]
         self.noise = DDPMScheduler.from_config(parts["scheduler"].config)
         self.alphas = self.noise.alphas_cumprod.to(recipe.device)
-        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.params = list(self.denoiser.parameters()) + list(self.text_encoder.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=recipe.unet_lr, weight_decay=1e-2,
                                            fused=_cuda(recipe.device))
-        self.ema = {"unet": copy.deepcopy(self.unet).requires_grad_(False),
+        self.ema = {self.family.denoiser: copy.deepcopy(self.denoiser).requires_grad_(False),
                     "text": copy.deepcopy(self.text_encoder).requires_grad_(False)}
-        for m in (self.unet, self.text_encoder, *self.ema.values()):
+        for m in (self.denoiser, self.text_encoder, *self.ema.values()):
             m.to(recipe.device)  # before loading the optimizer's state, which then follows the parameters' device
         self.step, self.elapsed, self.runs, self.steps = 0, 0.0, [], recipe.unet_steps
         self.budget_s = recipe.unet_budget_s
 
+    def _modules(self) -> dict:
+        """The checkpoint's keys of what it holds: for the UNet "unet", "text", "ema_unet", "ema_text", "optimizer"
+        (for the DiT "transformer" and "ema_transformer" in place of the UNet's)."""
+        name = self.family.denoiser
+        return {name: self.denoiser, "text": self.text_encoder, f"ema_{name}": self.ema[name],
+                "ema_text": self.ema["text"], "optimizer": self.optimizer}
+
     def resume(self, state) -> None:
         if state is not None:
             self.runs = state.get("runs", [{"unet_steps": state["step"], "from_step": 0}])
-            for model, key in ((self.unet, "unet"), (self.text_encoder, "text"), (self.ema["unet"], "ema_unet"),
-                               (self.ema["text"], "ema_text"), (self.optimizer, "optimizer")):
+            for key, model in self._modules().items():
                 model.load_state_dict(state[key])
             self.step, self.elapsed = state["step"], state["elapsed"]
             if self.budget_s is not None and self.step >= self.recipe.warmup:  # the budget already set the steps
@@ -237,12 +280,19 @@ class _UnetStage:
         if not self.runs or self.runs[-1]["unet_steps"] != self.steps:  # a longer schedule resumed: record it
             self.runs.append({"unet_steps": self.steps, "from_step": self.step})
 
-    def loss(self, images, ids, eps, t):
+    def predict(self, noisy, t, ids, mask):
+        """The denoiser's noise prediction, as its pipeline calls it (the SD pipeline gives CLIP no mask)."""
+        if self.family.denoiser == "unet":
+            return self.denoiser(noisy, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
+        text = self.text_encoder(ids, attention_mask=mask)[0]
+        return self.denoiser(noisy, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    def loss(self, images, ids, mask, eps, t):
         vae = self.parts["vae"]
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
-        pred = self.unet(self.noise.add_noise(latents, eps, t), t,
-                         encoder_hidden_states=self.text_encoder(ids)[0]).sample
+        pred = self.predict(self.noise.add_noise(latents, eps, t), t, ids, mask)
         snr = self.alphas[t] / (1 - self.alphas[t])
         weight = torch.clamp(snr, max=self.recipe.min_snr) / snr  # min-SNR weighting (Hang et al. 2023)
         return (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
@@ -256,21 +306,21 @@ class _UnetStage:
         self.optimizer.step()
         decay = min(r.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema["unet"].parameters()) + list(self.ema["text"].parameters()),
-                                 self.params, 1 - decay)
+            torch._foreach_lerp_(list(self.ema[self.family.denoiser].parameters()) +
+                                 list(self.ema["text"].parameters()), self.params, 1 - decay)
         self.step += 1
 
     def checkpoint(self) -> dict:
-        return dict(unet=self.unet.state_dict(), text=self.text_encoder.state_dict(),
-                    ema_unet=self.ema["unet"].state_dict(), ema_text=self.ema["text"].state_dict(),
-                    optimizer=self.optimizer.state_dict(), step=self.step, runs=self.runs, setup=self.recipe.setup)
+        return dict(**{key: m.state_dict() for key, m in self._modules().items()}, step=self.step, runs=self.runs,
+                    setup=self.recipe.setup)
 
     def data(self):
-        unet, r = self.unet, self.recipe
-        make = functools.partial(_unet_item, seed=r.seed, batch_size=r.unet_batch, tokenizer=self.parts["tokenizer"],
-                                 drop_caption=r.drop_caption,
-                                 latent_shape=(unet.config.in_channels, *([unet.config.sample_size] * 2)),
-                                 num_train_timesteps=self.noise.config.num_train_timesteps)
+        config, r = self.denoiser.config, self.recipe
+        make = functools.partial(_denoiser_item, seed=r.seed, batch_size=r.unet_batch,
+                                 tokenizer=self.parts["tokenizer"], drop_caption=r.drop_caption,
+                                 latent_shape=(config.in_channels, *([config.sample_size] * 2)),
+                                 num_train_timesteps=self.noise.config.num_train_timesteps,
+                                 max_length=self.family.max_length)
         return _batches(make, self.step, self.steps, r.device)
 
 
@@ -281,14 +331,15 @@ def _budgeted_steps(steps, step, started_at, rate_from, budget_s):
     return max(step + 1, min(steps, int(step + rate * (budget_s - (time.perf_counter() - started_at)))))
 
 
-def _train_unet(parts: dict, ckpt: Path, recipe: Recipe, log: list):
-    stage = _UnetStage(parts, recipe)
+def _train_denoiser(parts: dict, ckpt: Path, recipe: Recipe, log: list):
+    """The denoiser stage of either family: returns the EMA models, the stage's seconds and its runs."""
+    stage = _DenoiserStage(parts, recipe)
     stage.resume(_load(ckpt, recipe))
-    stage.unet.train()
+    stage.denoiser.train()
     stage.text_encoder.train()
     parts["vae"].to(recipe.device).eval()
     data = stage.data()
-    bar = tqdm(total=stage.steps, initial=stage.step, desc="UNet + text encoder", dynamic_ncols=True)
+    bar = tqdm(total=stage.steps, initial=stage.step, desc=stage.family.label, dynamic_ncols=True)
     start = time.perf_counter() - stage.elapsed
     timed_from = (stage.step + 5, None)  # the rate is measured from the 5th step of this process on
     while stage.step < stage.steps:
@@ -298,14 +349,14 @@ def _train_unet(parts: dict, ckpt: Path, recipe: Recipe, log: list):
             elif timed_from[1] is not None and stage.step >= max(recipe.warmup, timed_from[0] + 5) - 1:
                 stage.steps = _budgeted_steps(stage.steps, stage.step, start, timed_from, stage.budget_s)
                 stage.runs[-1]["unet_steps"], bar.total, stage.budget_s = stage.steps, stage.steps, None
-                bar.write(f"time budget: training {stage.steps} UNet steps")
+                bar.write(f"time budget: training {stage.steps} {recipe.arch} steps")
         loss = stage.loss(*(x.to(recipe.device, non_blocking=True) for x in next(data)))
         stage.update(loss)
         bar.update(1)
         if stage.step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if stage.step % recipe.checkpoint_every == 0 or stage.step == stage.steps:
-            log.append({"stage": "unet", "step": stage.step, "loss": loss.item(),
+            log.append({"stage": recipe.arch, "step": stage.step, "loss": loss.item(),
                         "elapsed_s": time.perf_counter() - start})
             _save(ckpt, log, **stage.checkpoint(), elapsed=time.perf_counter() - start)
     bar.close()
@@ -331,16 +382,22 @@ def _scale_latents(vae, seed: int, device) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
-def _write_model(out: Path, parts: dict, ema: dict) -> Path:
+def _pipeline(parts: dict, ema: dict, arch: str):
+    """The trained pipeline of `arch`, its models (the EMA copies) on the CPU."""
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
+
+    common = dict(vae=parts["vae"].cpu(), text_encoder=ema["text"].cpu(), tokenizer=parts["tokenizer"],
+                  scheduler=parts["scheduler"])
+    if arch == "dit":
+        return PixArtAlphaPipeline(transformer=ema["transformer"].cpu(), **common)
+    return StableDiffusionPipeline(unet=ema["unet"].cpu(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **common)
+
+
+def _write_model(out: Path, pipe) -> Path:
     """The trained pipeline folder, written whole under a temporary name and then renamed into place."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=parts["vae"].cpu(), text_encoder=ema["text"].cpu(),
-                                   tokenizer=parts["tokenizer"], unet=ema["unet"].cpu(),
-                                   scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
     model, partial = out / "model", out / ".model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial, safe_serialization=True)
@@ -349,27 +406,45 @@ def _write_model(out: Path, parts: dict, ema: dict) -> Path:
     return model
 
 
+def _check_out(ckpt: Path, arch: str) -> None:
+    """Refuse a work folder that holds the other family's run (both write tokenizer/ and model/ there)."""
+    for other in ARCHS:
+        files = ("vae.pt", "unet.pt") if other == "unet" else (FAMILIES[other].checkpoint,)
+        if other != arch and any((ckpt / name).exists() for name in files):
+            raise ValueError(f"{ckpt.parent} holds a training run of the {other} model; use another --out for "
+                             f"--arch {arch}.")
+
+
+def _vae_stage(vae, ckpt: Path, r: Recipe, log: list) -> dict:
+    """The UNet family's VAE stage (train, then scale the latents), and what training.json records of it; the DiT
+    reuses the shipped VAE as it is."""
+    if r.arch != "unet":
+        return {"vae": "the shipped UNet model's VAE (attnreuse/default_model/weights/vae), frozen"}
+    vae_time = _train_vae(vae, ckpt / "vae.pt", r, log)
+    _scale_latents(vae, r.seed, r.device)
+    return {"vae_train_s": vae_time, "vae_stopped_at": _load(ckpt / "vae.pt", r)["step"],
+            "vae_held_out_psnr_log": [(e["step"], round(e["psnr_held_out"], 2)) for e in log if e["stage"] == "vae"]}
+
+
 def train_default(out: str | Path, **recipe) -> Path:
-    """Train the default model into `out/model` (a `StableDiffusionPipeline` folder); resumes from
-    `out/checkpoints`. `recipe`: the fields of `Recipe`. `unet_budget_s` trains the UNet for as many steps (at
-    most `unet_steps`) as fit that many seconds, fixed from the warm-up's speed; the count is recorded, so
-    `--unet-steps COUNT` reproduces the run on any machine."""
+    """Train a default model into `out/model` (a `StableDiffusionPipeline` folder, or with `arch="dit"` a
+    `PixArtAlphaPipeline` one); resumes from `out/checkpoints`. `recipe`: the fields of `Recipe`. `unet_budget_s`
+    trains the denoiser for as many steps (at most `unet_steps`) as fit that many seconds, fixed from the warm-up's
+    speed; the count is recorded, so `--unet-steps COUNT` reproduces the run on any machine."""
     r = Recipe(**recipe)
     out = Path(out)
     ckpt = out / "checkpoints"
+    _check_out(ckpt, r.arch)
     ckpt.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(r.seed)
     log_path = ckpt / "log.json"
     log = read_json(log_path, "training log") if log_path.exists() else []
     with _tf32(r.device):
-        parts = build_components(r.seed, tokenizer_dir=out / "tokenizer")
-        vae_time = _train_vae(parts["vae"], ckpt / "vae.pt", r, log)
-        _scale_latents(parts["vae"], r.seed, r.device)
-        ema, unet_time, unet_runs = _train_unet(parts, ckpt / "unet.pt", r, log)
-    model = _write_model(out, parts, ema)
-    info = {"hardware": device_name(r.device), **{k: v for k, v in asdict(r).items() if k != "unet_budget_s"},
-            "unet_steps": unet_runs[-1]["unet_steps"], "vae_train_s": vae_time, "unet_train_s": unet_time,
-            "vae_stopped_at": _load(ckpt / "vae.pt", r)["step"], "unet_runs": unet_runs,
-            "vae_held_out_psnr_log": [(e["step"], round(e["psnr_held_out"], 2)) for e in log if e["stage"] == "vae"]}
+        parts = build_components(r.seed, tokenizer_dir=out / "tokenizer", arch=r.arch)
+        vae_info = _vae_stage(parts["vae"], ckpt, r, log)
+        ema, unet_time, unet_runs = _train_denoiser(parts, ckpt / FAMILIES[r.arch].checkpoint, r, log)
+    model = _write_model(out, _pipeline(parts, ema, r.arch))
+    info = {"hardware": device_name(r.device), **r.recorded, "unet_steps": unet_runs[-1]["unet_steps"],
+            "unet_train_s": unet_time, "unet_runs": unet_runs, **vae_info}
     write_json(model / "training.json", info)
     return model

@@ -20,16 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import Plan, plan_or_schedule
-from ..reuse import apply_reuse
+from ..reuse import apply_reuse, denoiser
 from ..schedule import Schedule
-from ..utils import GenerationSetup, denoise_step, generators, mean_psnr, read_json, write_json
+from ..utils import GenerationSetup, Sampling, mean_psnr, read_json, write_json
 
 __all__ = ["Evaluator", "model_name", "candidate_key"]
 
 
 def model_name(pipe) -> str:
     """The pipeline's hub id or folder, else its denoiser's class name."""
-    return str(getattr(pipe, "name_or_path", "") or type(pipe.unet).__name__)
+    return str(getattr(pipe, "name_or_path", "") or type(denoiser(pipe)).__name__)
 
 
 def candidate_key(candidate) -> str:
@@ -90,29 +90,17 @@ class Evaluator:
 
     @torch.no_grad()
     def _prepare(self) -> None:
-        s = self.setup
-        pipe, device = s.pipe, s.pipe.unet.device
-        self.cfg = s.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        positive, negative = pipe.encode_prompt(s.prompts, device, 1, self.cfg)
-        self.embeds = torch.cat([negative, positive]) if self.cfg else positive
-        pipe.scheduler.set_timesteps(s.num_steps, device=device)
-        self.timesteps = pipe.scheduler.timesteps
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        latents = pipe.prepare_latents(len(s.prompts), pipe.unet.config.in_channels, size, size,
-                                       self.embeds.dtype, device, generators(s.seeds, device))
-        self._start = (latents, copy.deepcopy(pipe.scheduler))
+        self.sampling = Sampling(self.setup)
+        self.timesteps = self.sampling.timesteps
 
-    @torch.no_grad()
     def _final_images(self, latents) -> np.ndarray:
-        vae = self.setup.pipe.vae
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return self.sampling.images(latents)
 
     @torch.no_grad()
     def _run(self, candidate, count=True):
         """Final latents of one schedule or plan, resumed from the deepest state shared with the previous run."""
-        unet = self.setup.pipe.unet
-        with apply_reuse(unet, candidate) as handle:
+        model = self.sampling.model
+        with apply_reuse(model, candidate) as handle:
             actions, signature = handle.tracker.resolve(handle.plan)[0], _signature(handle)
             depth = 0
             if self._path and self._path[0] == signature:
@@ -123,12 +111,11 @@ class Evaluator:
             else:
                 self._path = (signature, [])
             steps = self._path[1]
-            latents, scheduler, resume = steps[-1][1] if depth else (*self._start, None)
+            latents, scheduler, resume = steps[-1][1] if depth else (*self.sampling.start, None)
             scheduler = copy.deepcopy(scheduler)
             with handle.generation(handle.plan, resume=resume):
                 for s in range(depth, len(actions)):
-                    latents = denoise_step(unet, scheduler, latents, self.timesteps[s], self.setup.guidance,
-                                           self.cfg, encoder_hidden_states=self.embeds)
+                    latents = self.sampling.step(model, scheduler, latents, self.timesteps[s])
                     steps.append((actions[s], (latents, copy.deepcopy(scheduler), handle.snapshot())))
         self.calls += (len(actions) - depth) if count else 0
         return latents
@@ -147,6 +134,11 @@ class Evaluator:
             self._save()
         return [self.utilities[candidate_key(v)] for v in values]
 
+    def trajectory(self, candidate) -> list[torch.Tensor]:
+        """The latents after each call of a schedule or plan (shared prefixes are not run again)."""
+        self._run(plan_or_schedule(candidate))
+        return [state[0] for _, state in self._path[1]]
+
     def _save(self) -> None:
         if self.state_file is not None:
             write_json(self.state_file, {"setup": self.key, "utilities": self.utilities, "calls": self.calls,
@@ -160,8 +152,10 @@ class Evaluator:
 
 
 def _signature(handle) -> tuple:
-    """The actors whose actions a handle's calls carry: runs are comparable only between equal signatures."""
-    return tuple(handle.cache.layers), tuple(handle.layout.modules), handle.plan.units.get("call") is not None
+    """The actors whose actions a handle's calls carry, and what each unit keeps: runs share states only between
+    equal signatures."""
+    kinds = tuple(sorted((u.kind, u.mode, u.layers or ()) for u in handle.plan.units.values()))
+    return tuple(handle.cache.layers), tuple(handle.layout.modules), kinds
 
 
 def _order(value) -> tuple:

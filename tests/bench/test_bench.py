@@ -93,3 +93,23 @@ def test_a_write_fault_never_loses_earlier_bench_results(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads((out / "bench.json").read_text()) == earlier
     assert sorted(p.name for p in out.iterdir()) == ["bench.json"]  # no half-written temporary file either
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["tiny-flux", "pixart-sigma"])
+def test_bench_times_transformers_with_block_reuse(arch, tmp_path):
+    """A transformer (tiny, or a published config cut to one block at 128 px and 16 text tokens): every mode and
+    block reuse per call, and a flow-matching loop end to end; joint attention counts both streams' tokens."""
+    assert main(["bench", "--arch", arch, "--batch", "1", "--modes", "map,qk,output,blocks", "--repeats", "1",
+                 "--e2e-repeats", "1", "--schedule", "1010", "--layers", "1", "--size", "128", "--text-tokens",
+                 "16", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "bench.json").read_text())
+    assert result["setup"]["loop"] == "flow-euler" and result["setup"]["layers"] == 1
+    per_call = result["per_call"]
+    assert set(per_call) == {"sdpa", "map", "qk", "output", "blocks"}
+    assert per_call["blocks"]["ops"]["reuse"] < per_call["output"]["ops"]["reuse"] < per_call["sdpa"]["ops"]
+    assert set(result["end_to_end"]) == {"none", "map", "qk", "output", "blocks", "none_again"}
+    image_tokens = (128 // 8 // 2) ** 2  # latents of 16 x 16 in patches of 2
+    joint = arch == "tiny-flux"
+    assert result["attention_only"]["shape"][2] >= image_tokens + (1 if joint else 0)
+    assert "flow-matching Euler loop" in (tmp_path / "bench.md").read_text()

@@ -64,6 +64,8 @@ def test_readme_example_runs():
     assert offline and len(offline) < len(blocks)
     for block in offline:
         exec(compile(block, "README.md", "exec"), {})
+    for block in set(blocks) - set(offline):  # a real model: the names it imports exist
+        exec("\n".join(line for line in block.splitlines() if line.startswith(("import ", "from "))), {})
 
 
 @pytest.mark.slow

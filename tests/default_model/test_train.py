@@ -66,7 +66,7 @@ def test_worker_processes_build_the_same_batches(tmp_path):
     from attnreuse.default_model.config import build_components
 
     tokenizer = build_components(0, tokenizer_dir=tmp_path)["tokenizer"]
-    make = functools.partial(train._unet_item, seed=0, batch_size=3, tokenizer=tokenizer, drop_caption=0.5,
+    make = functools.partial(train._denoiser_item, seed=0, batch_size=3, tokenizer=tokenizer, drop_caption=0.5,
                              latent_shape=(4, 16, 16), num_train_timesteps=1000)
     loader = torch.utils.data.DataLoader(train._Steps(make, 5, 11), batch_size=None, num_workers=2)
     for step, got in zip(range(5, 11), loader):
