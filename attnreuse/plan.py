@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .schedule import Schedule, as_schedule, length_error, whole_number
-from .utils import atomic_write, read_json
+from .utils import atomic_write, parse_json_input, read_json
 
 __all__ = ["Unit", "Plan", "as_plan", "plan_or_schedule", "KINDS", "PLAN_FORMAT", "PLAN_VERSION"]
 
@@ -144,18 +144,7 @@ class Plan:
     @classmethod
     def from_json(cls, data) -> Plan:
         """A plan from a JSON string, dict or file; errors name the file and the field."""
-        where = "plan JSON"
-        if isinstance(data, Path) or (isinstance(data, str) and not data.lstrip().startswith("{")):
-            where, data = f"plan file {data}", read_json(data, "plan file")
-        elif isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not valid JSON: {err}") from None
-        try:
-            return cls._from_data(data)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{where}: {err}") from None
+        return parse_json_input(data, "plan", cls._from_data)
 
     @classmethod
     def _from_data(cls, data) -> Plan:

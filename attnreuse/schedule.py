@@ -12,7 +12,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .utils import atomic_write, read_json
+from .utils import atomic_write, parse_json_input
 
 __all__ = ["Schedule", "as_schedule", "whole_number", "length_error"]
 
@@ -111,18 +111,7 @@ class Schedule:
     @classmethod
     def from_json(cls, data: str | dict | Path) -> Schedule:
         """Read a schedule from a JSON string, a dict, or a path to a JSON file; errors name the file and field."""
-        where = "schedule JSON"
-        if isinstance(data, Path) or (isinstance(data, str) and not data.lstrip().startswith(("{", "["))):
-            where, data = f"schedule file {data}", read_json(data, "schedule file")
-        elif isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not valid JSON: {err}") from None
-        try:
-            return cls._from_data(data)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{where}: {err}") from None
+        return parse_json_input(data, "schedule", cls._from_data, inline=("{", "["))
 
     @classmethod
     def _from_data(cls, data) -> Schedule:

@@ -20,8 +20,8 @@ import torch
 
 __all__ = ["SAMPLERS", "SD_SCHEDULER", "use_sampler", "load_pipeline", "device_name", "timed", "generators",
            "GenerationSetup", "generate", "to_uint8", "image_grid", "save_image", "PSNR_CAP", "psnr", "mean_psnr",
-           "atomic_write", "write_json", "read_json", "write_clip_tokenizer", "write_t5_tokenizer", "denoise_step",
-           "Sampling"]
+           "atomic_write", "write_json", "read_json", "parse_json_input", "write_clip_tokenizer", "write_t5_tokenizer",
+           "denoise_step", "Sampling"]
 
 # CLI names -> (diffusers scheduler class name, extra config)
 SAMPLERS = {
@@ -237,6 +237,23 @@ def read_json(path, what: str = "JSON file"):
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
 
 
+def parse_json_input(data, what: str, parse, inline: tuple[str, ...] = ("{",)):
+    """`parse` applied to a JSON string, dict or file (a string not starting with one of `inline` is a path); its
+    TypeError or ValueError, and a malformed JSON, name the file or say "`what` JSON"."""
+    where = f"{what} JSON"
+    if isinstance(data, Path) or (isinstance(data, str) and not data.lstrip().startswith(inline)):
+        where, data = f"{what} file {data}", read_json(data, f"{what} file")
+    elif isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid JSON: {err}") from None
+    try:
+        return parse(data)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
 def _bpe_merges(words) -> tuple[list[tuple[str, str]], list[str]]:
     """Byte-pair merges learnt on the word list until every word is one token, and the resulting symbols: CLIP's
     tokenizer splits a word into characters and applies merges by rank."""
@@ -323,7 +340,7 @@ class Sampling:
 
     def __init__(self, setup: GenerationSetup):
         self.setup, pipe = setup, setup.pipe
-        self.pixart = hasattr(pipe, "transformer") and type(pipe).__name__.startswith("PixArt")
+        self.pixart = type(getattr(pipe, "transformer", None)).__name__ == "PixArtTransformer2DModel"
         self.model = pipe.transformer if self.pixart else pipe.unet
         self.device = self.model.device
         config = self.model.config

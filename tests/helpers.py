@@ -73,3 +73,14 @@ def assert_rounded(kept, expected):
     step = torch.finfo(kept.dtype) if kept.dtype != torch.float32 else None
     torch.testing.assert_close(kept.float(), expected.float(), rtol=step.eps if step else 1e-5,
                                atol=step.tiny if step else 1e-6)
+
+
+def assert_same_weights(folder_a, folder_b, files):
+    """The safetensors `files` (paths inside each model folder) hold bit-identical tensors under the same names."""
+    from safetensors.torch import load_file
+
+    for name in files:
+        a, b = load_file(folder_a / name), load_file(folder_b / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..default_model import DEFAULT_MODELS
 from ..schedule import Schedule, as_schedule
 from ..testing import ARCHS
 from ..utils import SAMPLERS
@@ -63,6 +64,11 @@ def device(text: str) -> None:
 def model(value: str | None, name: str = "--model") -> None:
     """None (the shipped model), a local architecture, a diffusers pipeline folder, or a hub id like org/name."""
     if value is None or value in ARCHS:
+        return
+    if value == "dit":
+        if not (DEFAULT_MODELS["dit"] / "model_index.json").is_file():
+            raise UsageError(f"{name} dit: the DiT default model is not trained yet; train it with `attnreuse "
+                             f"train-default --arch dit` and copy its model/ folder to {DEFAULT_MODELS['dit']}.")
         return
     path = Path(value).expanduser()
     if path.exists():

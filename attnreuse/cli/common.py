@@ -13,7 +13,12 @@ from ..utils import SAMPLERS, load_pipeline, use_sampler
 from . import checks
 from .checks import UsageError
 
-__all__ = ["default_device", "add_model_options", "check_model_options", "load_model", "pipeline", "prompts"]
+__all__ = ["shipped", "default_device", "add_model_options", "check_model_options", "load_model", "pipeline", "prompts"]
+
+
+def shipped(model: str | None) -> bool:
+    """A shipped default model: None (the UNet one) or "dit"; their captions need no prompt file."""
+    return model is None or model == "dit"
 
 
 def default_device() -> str:
@@ -23,7 +28,8 @@ def default_device() -> str:
 def add_model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every model-running command shares."""
     parser.add_argument("--model", help="diffusers model path or hub id, or a local architecture with random weights "
-                                        f"({', '.join(ARCHS)}) (default: the shipped default model)")
+                                        f"({', '.join(ARCHS)}), or dit (the shipped DiT default model) "
+                                        "(default: the shipped default model)")
     parser.add_argument("--prompts", help="file with one prompt per line (default: captions of the shapes grammar)")
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
@@ -41,14 +47,14 @@ def check_model_options(args, prompts_needed: int = 0) -> None:
     checks.finite(args.guidance, "--guidance", minimum=0)
     if args.prompts:
         checks.prompt_lines(args.prompts, prompts_needed)
-    elif args.model is not None and prompts_needed:
+    elif not shipped(args.model) and prompts_needed:
         raise UsageError("A model other than the default one needs --prompts FILE (one prompt per line).")
 
 
 def load_model(model: str | None, device: str, dtype: torch.dtype = torch.float32):
     """The shipped default model (None), a local architecture with random weights, or a diffusers path / hub id."""
-    if model is None:
-        return load_default_pipeline(device=device)
+    if shipped(model):
+        return load_default_pipeline(model, device=device)
     if model in ARCHS:
         return build_pipeline(model, dtype=dtype, device=device)
     try:
@@ -61,7 +67,7 @@ def pipeline(args):
     """The pipeline of `--model` with `--sampler`, and the guidance scale: `--guidance`, else the default model's
     documented scale, else 7.5."""
     pipe = use_sampler(load_model(args.model, args.device), args.sampler)
-    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE if args.model is None else 7.5
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE if shipped(args.model) else 7.5
     return pipe, guidance
 
 
@@ -70,6 +76,6 @@ def prompts(args, count: int, seed: int, skip: int = 0) -> list[str]:
     default model's split of `seed` (half with two shapes); image i gets seed i."""
     if args.prompts:
         return checks.prompt_lines(args.prompts, 0)[skip:skip + count]
-    if args.model is None:
+    if shipped(args.model):
         return captions(count, seed)
     raise UsageError("A model other than the default one needs --prompts FILE (one prompt per line).")

@@ -12,7 +12,7 @@ from ..eval.runner import PRESETS, merge_runs, run_methods, summarize
 from ..utils import GenerationSetup
 from . import checks
 from .checks import UsageError
-from .common import add_model_options, check_model_options, pipeline, prompts
+from .common import add_model_options, check_model_options, pipeline, prompts, shipped
 
 __all__ = ["register", "run_eval"]
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     ev.add_argument("--methods", default="quick", help="comma list of presets (quick, paper, frontier) and methods: "
                     "full, steps:K, hurry:R, phast:R, plan:B (a plan searched for latency budget B), FILE.json (a "
                     "schedule or plan), bit strings, deepcache:I, tgate:S, tome:R, pab:K, taylorseer:I, fbc:T, "
-                    "fastercache")
+                    "fastercache, magcache:T")
     ev.add_argument("--count", type=int, default=8, help="prompts (one seed each)")
     ev.add_argument("--calibration", type=int, default=4,
                     help="prompts phast:R and plan:B search on (captions of the calibration split, or the prompt "
@@ -84,7 +84,7 @@ def run_eval(args) -> int:
     shards = gather_object([shard]) if state.num_processes > 1 else [shard]
     if not state.is_main_process:
         return 0
-    result = summarize(*merge_runs(shards), evaluated, args.model is None and args.prompts is None, extra)
+    result = summarize(*merge_runs(shards), evaluated, shipped(args.model) and args.prompts is None, extra)
     settings = {"model": args.model or "attnreuse default model", "sampler": args.sampler, "num_steps": args.steps,
                 "guidance_scale": guidance, "repeats": args.repeats, "methods": methods, "seeds": setup.seeds,
                 "processes": state.num_processes, "calibration_prompts": calibration,

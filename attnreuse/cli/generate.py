@@ -8,12 +8,12 @@ from statistics import median
 import torch
 from tqdm.auto import tqdm
 
-from ..reuse import apply_reuse
+from ..reuse import apply_reuse, denoiser
 from ..schedule import Schedule
 from ..utils import SAMPLERS, device_name, generators, psnr, save_image, timed, use_sampler, write_json
 from . import checks
 from .checks import UsageError
-from .common import default_device, load_model, pipeline
+from .common import default_device, load_model, pipeline, shipped
 
 __all__ = ["register", "run_generate", "run_speed"]
 
@@ -132,7 +132,7 @@ def run_generate(args) -> int:
     print(f"  reuse    {reuse_s:.3f} s -> {args.output}   {full_s / reuse_s:.2f}x faster, PSNR vs no reuse "
           f"{psnr(images['reuse'], images['full']):.1f} dB")
     print(f"  {_described(reuse, ran)}")
-    if args.model is None:
+    if shipped(args.model):
         _check_faithfulness(images["reuse"], args.prompt)
     print(f"  total {time.perf_counter() - args.started:.1f} s (imports, loading and all generations)")
     return 0
@@ -172,7 +172,7 @@ def run_speed(args) -> int:
     schedule = check_speed(args)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = use_sampler(load_model(args.model, args.device, dtype), args.sampler)
-    size = args.size or getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
+    size = args.size or getattr(denoiser(pipe).config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
                   output_type="np")
 

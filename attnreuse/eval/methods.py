@@ -22,7 +22,7 @@ import numpy as np
 
 from ..plan import Plan, plan_or_schedule
 from ..planner.store import cached_plan
-from ..reuse import apply_reuse
+from ..reuse import apply_reuse, denoiser
 from ..search import cached_phast
 from ..utils import GenerationSetup, generators
 
@@ -75,7 +75,7 @@ def _import(module: str, package: str):
 _ARGUMENTS = {"full": None, "fastercache": None, "steps": (int, 1, None, False), "hurry": (int, 0, "N-1", False),
               "phast": (int, 0, "N-1", False), "plan": (float, 0.0, 1.0, False), "deepcache": (int, 1, None, True),
               "tgate": (int, 1, "N", True), "tome": (float, 0.0, 1.0, True), "pab": (int, 1, None, True),
-              "taylorseer": (int, 1, None, True), "fbc": (float, 0.0, None, True)}
+              "taylorseer": (int, 1, None, True), "fbc": (float, 0.0, None, True), "magcache": (float, 0.0, None, True)}
 
 
 def check_spec(spec: str, num_steps: int) -> None:
@@ -187,7 +187,7 @@ def _tgate(setup, arg, calibration):
                             num_inference_steps=s.num_steps, guidance_scale=s.guidance, output_type="np").images
         return np.asarray(images, dtype=np.float32)
 
-    with _instance_attributes_kept(pipe.unet):
+    with _instance_attributes_kept(denoiser(pipe)):
         loader(pipe)
         try:
             yield Run(generate)
@@ -221,52 +221,68 @@ def _instance_attributes_kept(unet):
             vars(module).update(kept)
 
 
-@_register("pab")
-def _pab(setup, arg, calibration):
-    """diffusers' pyramid attention broadcast on the UNet's self-attention; SD pipelines do not publish the
-    current timestep, so a hook on the UNet records it for PAB's callback."""
-    from diffusers.hooks import HookRegistry, PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
-    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
-
-    unet, current = setup.pipe.unet, {"t": 1000}
+@contextmanager
+def _timestep_of(model):
+    """A callable that returns the timestep of `model`'s latest call: diffusers' PAB and FasterCache ask for it, and
+    SD pipelines do not publish it (PixArt's passes it as a tensor)."""
+    current = {"t": 1000}
 
     def record(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         current["t"] = int(t.reshape(-1)[0]) if hasattr(t, "reshape") else int(t)
 
-    hook = unet.register_forward_pre_hook(record, with_kwargs=True)
-    config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(arg or 2),
-                                             current_timestep_callback=lambda: current["t"])
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        apply_pyramid_attention_broadcast(unet, config)
-    except Exception as err:  # noqa: BLE001 - the reason goes into the report
-        hook.remove()
-        raise PeerUnavailable(f"pyramid attention broadcast does not attach to {type(unet).__name__}: {err}") from None
-    try:
-        yield Run(lambda s: s.generate())
+        yield lambda: current["t"]
     finally:
         hook.remove()
-        HookRegistry.check_if_exists_or_initialize(unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)
+
+
+@_register("pab")
+def _pab(setup, arg, calibration):
+    """diffusers' pyramid attention broadcast on the denoiser's self-attention, in its default timestep window."""
+    from diffusers.hooks import HookRegistry, PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    model = denoiser(setup.pipe)
+    with _timestep_of(model) as timestep:
+        config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(arg or 2),
+                                                 current_timestep_callback=timestep)
+        try:
+            apply_pyramid_attention_broadcast(model, config)
+        except Exception as err:  # noqa: BLE001 - the reason goes into the report
+            raise PeerUnavailable(f"pyramid attention broadcast does not attach to {type(model).__name__}: "
+                                  f"{err}") from None
+        try:
+            yield Run(lambda s: s.generate())
+        finally:
+            HookRegistry.check_if_exists_or_initialize(model).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK,
+                                                                          recurse=True)
 
 
 _DIFFUSERS_HOOKS = ("fbc_leader_block_hook", "fbc_block_hook", "faster_cache_denoiser", "faster_cache_block",
-                    "taylorseer_cache")
+                    "taylorseer_cache", "mag_cache_leader_block_hook", "mag_cache_block_hook")
 
 
-def _apply_diffusers_cache(unet, name: str, arg: str) -> None:
+def _apply_diffusers_cache(unet, name: str, arg: str, timestep, steps: int, ratios=None) -> None:
     from diffusers.hooks import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
+        MagCacheConfig,
         TaylorSeerCacheConfig,
         apply_faster_cache,
         apply_first_block_cache,
+        apply_mag_cache,
         apply_taylorseer_cache,
     )
 
-    if name == "fbc":
+    if name == "magcache":  # without ratios: its calibration run, which skips nothing and prints them
+        apply_mag_cache(unet, MagCacheConfig(threshold=float(arg or 0.06), num_inference_steps=steps,
+                                             mag_ratios=ratios, calibrate=ratios is None))
+    elif name == "fbc":
         apply_first_block_cache(unet, FirstBlockCacheConfig(threshold=float(arg or 0.05)))
     elif name == "fastercache":
-        apply_faster_cache(unet, FasterCacheConfig(current_timestep_callback=lambda: 500,
+        apply_faster_cache(unet, FasterCacheConfig(current_timestep_callback=timestep, tensor_format="BCHW",
                                                    attention_weight_callback=lambda _: 0.5))
     else:  # TaylorSeer's default identifiers name a transformer's top-level blocks; a UNet nests them
         apply_taylorseer_cache(unet, TaylorSeerCacheConfig(
@@ -274,8 +290,8 @@ def _apply_diffusers_cache(unet, name: str, arg: str) -> None:
 
 
 def _diffusers_cache(name: str):
-    """diffusers' FirstBlockCache, FasterCache or TaylorSeer hooks on the UNet, removed on exit even when they fail.
-    Before each generation it does what diffusers' transformer pipelines do around their denoiser and the SD
+    """diffusers' FirstBlockCache, FasterCache or TaylorSeer hooks on the denoiser, removed on exit even when they
+    fail. Before each generation it does what diffusers' transformer pipelines do around their denoiser and the SD
     pipeline does not: reset the hooks' state and set the cache context (one, as the SD pipeline runs both CFG
     halves in one batch)."""
     @contextmanager
@@ -283,30 +299,57 @@ def _diffusers_cache(name: str):
         from diffusers.hooks import HookRegistry
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        unet = setup.pipe.unet
-        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        model = denoiser(setup.pipe)
+        registry = HookRegistry.check_if_exists_or_initialize(model)
 
         def generate(s):
             registry.reset_stateful_hooks(recurse=True)
-            _set_cache_context(unet, CacheContext("denoiser"))
+            _set_cache_context(model, CacheContext("denoiser"))
             return s.generate()
 
-        try:
+        @contextmanager
+        def applied(timestep, ratios=None):
             try:
-                _apply_diffusers_cache(unet, name, arg)
+                _apply_diffusers_cache(model, name, arg, timestep, setup.num_steps, ratios)
                 registry.invalidate_child_registries_cache()  # the context goes to the hooks found in that list
                 if not any(set(_DIFFUSERS_HOOKS) & set(child.hooks)
                            for child in (registry, *registry._get_child_registries())):
                     raise LookupError("no module of the denoiser matched its identifiers")
-                yield Run(generate)
+                yield
             finally:
                 for hook in _DIFFUSERS_HOOKS:
                     registry.remove_hook(hook, recurse=True)
                 registry.invalidate_child_registries_cache()
+
+        try:
+            with _timestep_of(model) as timestep:
+                ratios = None
+                if name == "magcache":
+                    with applied(timestep):
+                        ratios = _printed_ratios(generate, _calibrated(setup, calibration, f"magcache:{arg}"))
+                with applied(timestep, ratios):
+                    yield Run(generate, {"mag_ratios": ratios} if ratios else {})
         except Exception as err:  # noqa: BLE001 - fbc and fastercache target transformer denoisers: say so
-            raise PeerUnavailable(f"diffusers' {name} does not run on {type(unet).__name__}: "
+            raise PeerUnavailable(f"diffusers' {name} does not run on {type(model).__name__}: "
                                   f"{type(err).__name__}: {err}") from None
     return manager
 
 
-METHODS.update({name: _diffusers_cache(name) for name in ("fbc", "fastercache", "taylorseer")})
+def _printed_ratios(generate, setup: GenerationSetup) -> list[float]:
+    """MagCache's magnitude ratios as its docs say to get them: a run with `calibrate=True` prints them after each
+    generation; their mean over the calibration prompts' generations."""
+    import ast
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        generate(setup)
+    runs = [ast.literal_eval(line) for line in printed.getvalue().splitlines()
+            if line.startswith("[") and not line.startswith("[MagCache]")]
+    if not runs:
+        raise LookupError("MagCache's calibration printed no ratios")
+    return np.mean(runs, axis=0).round(4).tolist()
+
+
+METHODS.update({name: _diffusers_cache(name) for name in ("fbc", "fastercache", "taylorseer", "magcache")})

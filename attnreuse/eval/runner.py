@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..reuse import denoiser
 from ..utils import GenerationSetup, device_name, mean_psnr, timed
 from .methods import family, method
 from .metrics import extra_scores, image_metrics
@@ -17,7 +18,8 @@ from .metrics import extra_scores, image_metrics
 __all__ = ["PRESETS", "MATCH_TOLERANCE", "matched_latency", "run_methods", "summarize", "compare_methods",
            "merge_runs", "environment"]
 
-_PEERS = "deepcache:2,deepcache:3,deepcache:5,tgate:10,tome:0.5,pab:2,fbc:0.05,taylorseer:5,fastercache"
+_PEERS = ("deepcache:2,deepcache:3,deepcache:5,tgate:10,tome:0.5,pab:2,fbc:0.05,taylorseer:5,fastercache,"
+          "magcache:0.06")
 PRESETS = {  # --methods shorthands; the paper's ranges: r 4..12 of 20, K 10..18 steps
     "quick": "full,steps:10,steps:13,steps:16,hurry:6,hurry:10,deepcache:3,tgate:10,tome:0.5,pab:2,taylorseer:5",
     "paper": ",".join(["full"] + [f"steps:{k}" for k in range(10, 19, 2)] + [f"hurry:{r}" for r in range(4, 13, 2)]
@@ -165,5 +167,6 @@ def environment(pipe) -> dict:
     import diffusers
     import transformers
 
-    return {"device": device_name(pipe.unet.device), "dtype": str(pipe.unet.dtype), "python": platform.python_version(),
+    model = denoiser(pipe)
+    return {"device": device_name(model.device), "dtype": str(model.dtype), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}

@@ -27,9 +27,17 @@ from ..utils import GenerationSetup, Sampling, mean_psnr, read_json, write_json
 __all__ = ["Evaluator", "model_name", "candidate_key"]
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
 def model_name(pipe) -> str:
-    """The pipeline's hub id or folder, else its denoiser's class name."""
-    return str(getattr(pipe, "name_or_path", "") or type(denoiser(pipe)).__name__)
+    """The pipeline's hub id or folder, else its denoiser's class name; a folder inside the package (the default
+    model) as `attnreuse:` and its path there, so that searches made in one checkout match in another."""
+    name = str(getattr(pipe, "name_or_path", "") or type(denoiser(pipe)).__name__)
+    try:
+        return "attnreuse:" + Path(name).resolve().relative_to(_PACKAGE).as_posix()
+    except ValueError:
+        return name
 
 
 def candidate_key(candidate) -> str:

@@ -4,6 +4,7 @@ import pytest
 
 import attnreuse.bench.run
 import attnreuse.cli.bench
+import attnreuse.cli.checks
 import attnreuse.cli.common
 import attnreuse.default_model.evaluate
 import attnreuse.default_model.train
@@ -104,3 +105,9 @@ def test_a_user_error_exits_2_with_one_line_before_any_work(argv, message, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("attnreuse: error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()  # no output folder made for a run that did not start
+
+
+def test_the_dit_model_before_it_is_trained_is_a_usage_error(tmp_path, monkeypatch, capsys, nothing_loads):
+    monkeypatch.setitem(attnreuse.cli.checks.DEFAULT_MODELS, "dit", tmp_path / "weights_dit")
+    assert main(["eval", "--model", "dit", "--out", str(tmp_path / "out")]) == 2
+    assert "the DiT default model is not trained yet" in capsys.readouterr().err

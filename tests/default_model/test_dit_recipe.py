@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import PixArtAlphaPipeline
+from helpers import assert_same_weights
 from safetensors.torch import load_file
 
 import attnreuse.default_model as default_model
@@ -24,9 +25,7 @@ def trained(tmp_path_factory):
     return train.train_default(tmp_path_factory.mktemp("dit") / "straight", **TINY)
 
 
-def _weights(model_dir):
-    return {"transformer": load_file(model_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
-            "text_encoder": load_file(model_dir / "text_encoder" / "model.safetensors")}
+TRAINED = ["transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
 
 
 @pytest.mark.slow
@@ -73,11 +72,7 @@ def test_interrupted_training_resumes_to_identical_weights(trained, tmp_path, mo
     assert state["step"] == 2 and state["setup"]["arch"] == "dit" and not (tmp_path / "resumed" / "model").exists()
     monkeypatch.setattr(train, "batch", real_batch)
     resumed = train.train_default(tmp_path / "resumed", **TINY)
-    a, b = _weights(trained), _weights(resumed)
-    for name in a:
-        assert a[name].keys() == b[name].keys()
-        for key in a[name]:
-            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
+    assert_same_weights(trained, resumed, TRAINED)
     log = json.loads((tmp_path / "resumed" / "checkpoints" / "log.json").read_text())
     assert [e["step"] for e in log if e["stage"] == "dit"] == [1, 2, 3]
 

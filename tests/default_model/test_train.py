@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import assert_same_weights
 
 import attnreuse.default_model.train as train
 
@@ -12,8 +12,7 @@ TINY = dict(seed=3, vae_steps=3, unet_steps=3, vae_batch=2, unet_batch=2, checkp
             psnr_images=2)
 
 
-def _weights(model_dir):
-    return {name: load_file(model_dir / name / "diffusion_pytorch_model.safetensors") for name in ("vae", "unet")}
+UNET, VAE = "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"
 
 
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch):
@@ -35,11 +34,7 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
     monkeypatch.setattr(train, "batch", real_batch)
     resumed = train.train_default(tmp_path / "resumed", **TINY)
 
-    a, b = _weights(straight), _weights(resumed)
-    for name in a:
-        assert a[name].keys() == b[name].keys()
-        for key in a[name]:
-            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
+    assert_same_weights(straight, resumed, [VAE, UNET])
     log = (tmp_path / "resumed" / "checkpoints" / "log.json").read_text()
     assert '"stage": "unet"' in log and '"psnr_held_out"' in log
 
@@ -54,9 +49,7 @@ def test_time_budget_picks_a_step_count_that_reproduces_the_run(tmp_path, monkey
     count = record["unet_steps"]
     assert 12 <= count < 10_000 and record["unet_runs"] == [{"unet_steps": count, "from_step": 0}]
     fixed = train.train_default(tmp_path / "fixed", **{**TINY, "unet_steps": count, "warmup": 12})
-    a, b = _weights(budgeted), _weights(fixed)
-    for key in a["unet"]:
-        torch.testing.assert_close(a["unet"][key], b["unet"][key], rtol=0, atol=0)
+    assert_same_weights(budgeted, fixed, [UNET])
 
 
 def test_worker_processes_build_the_same_batches(tmp_path):

@@ -61,6 +61,31 @@ def test_diffusers_caches_for_transformers_are_reported_on_a_unet_and_removed(pi
     np.testing.assert_array_equal(_full(pipe), before)
 
 
+@pytest.fixture(scope="module")
+def pixart():
+    from attnreuse.testing import build_pipeline
+
+    return build_pipeline("tiny-pixart")
+
+
+@pytest.mark.parametrize("spec", ["fbc:0.5", "fastercache", "pab:2", "taylorseer:2", "magcache:0.5", "plan:0.9"])
+def test_dit_peers_run_on_a_pixart_pipeline_and_leave_it_as_it_was(pixart, spec, tmp_path, monkeypatch):
+    """The DiT-native peers attach to `pipe.transformer` (MagCache with ratios from its own calibration run on the
+    calibration prompts, never the evaluated ones), change the images, and are removed."""
+    monkeypatch.setenv("ATTNREUSE_CACHE", str(tmp_path))
+    setup = GenerationSetup(pixart, ["a red circle"], [0], 6, 4.5)
+    with method(setup, "full") as run:
+        before = run(setup)
+    with method(setup, spec, calibration=["a blue square"]) as run:
+        images = run(setup)
+        info = run.info
+    assert images.shape == before.shape and not np.array_equal(images, before)
+    if spec.startswith("magcache"):
+        assert len(info["mag_ratios"]) == 6 and info["mag_ratios"][0] == 1.0
+    with method(setup, "full") as run:
+        np.testing.assert_array_equal(run(setup), before)
+
+
 def test_phast_searches_on_the_calibration_prompts_once_then_reads_its_cached_schedule(sd_pipe, tmp_path,
                                                                                       monkeypatch):
     import attnreuse.search.store as store

@@ -134,3 +134,24 @@ def test_the_plan_command_spread_over_two_processes_finds_the_same_plan(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = Plan.from_json(tmp_path / "one.json"), Plan.from_json(tmp_path / "two.json")
     assert two.units == one.units and two.meta["psnr_db"] == pytest.approx(one.meta["psnr_db"])
+
+
+def test_shipped_plans_are_found_for_the_setup_they_were_searched_for():
+    """The default model's plans are read, not searched again, by `plan:B` with the 8 calibration captions, in any
+    checkout: the model is named by its place in the package."""
+    from attnreuse import Plan
+    from attnreuse.default_model import DEFAULT_GUIDANCE, load_default_pipeline
+    from attnreuse.default_model.splits import CALIBRATION, captions
+    from attnreuse.planner import cached_plan, shipped_plan
+    from attnreuse.planner.store import SHIPPED
+    from attnreuse.utils import use_sampler
+
+    pipe = load_default_pipeline()
+    for path in SHIPPED.glob("*.json"):
+        plan = Plan.from_json(path)
+        assert plan.meta["model"] == "attnreuse:default_model/weights"
+        assert len(plan) == plan.meta["num_inference_steps"] == len(plan.timesteps) == 20
+        assert plan.meta["predicted_latency"] <= plan.meta["budget"]
+    use_sampler(pipe, "ddim")
+    setup = GenerationSetup(pipe, captions(8, CALIBRATION), None, 20, DEFAULT_GUIDANCE)
+    assert cached_plan(setup, 0.5) == shipped_plan("ddim", 0.5)
