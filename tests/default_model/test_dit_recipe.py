@@ -167,3 +167,16 @@ def test_the_cli_maps_arch_and_the_denoiser_aliases(tmp_path, monkeypatch):
     assert (seen["unet_steps"], seen["unet_batch"], seen["unet_lr"], seen["unet_budget_s"]) == (7, 4, 1e-3, 120)
     assert main(["train-default", "--unet-steps", "5", "--device", "cpu"]) == 0
     assert seen["out"] == "runs/default" and seen["arch"] == "unet" and seen["unet_steps"] == 5
+
+
+def test_the_shipped_dit_is_a_plain_pixart_folder_under_30_mb_with_its_card(tmp_path):
+    folder = default_model.DEFAULT_MODELS["dit"]
+    assert sum(f.stat().st_size for f in folder.rglob("*.safetensors")) <= 30 * 2**20
+    assert "Faithfulness checker" in (folder / "README.md").read_text()
+    pipe = load_default_pipeline("dit")
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    images = pipe("a red circle", num_inference_steps=4, output_type="np", generator=torch.manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3)
+    out = tmp_path / "dit.png"
+    assert main(["generate", "a red circle", "--model", "dit", "--steps", "6", "--repeats", "1", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0 and out.with_name("dit.full.png").stat().st_size > 0
