@@ -94,6 +94,7 @@ def test_redundancy(pipe, tmp_path):
     assert (tmp_path / "redundancy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_sensitivity_is_deterministic_and_writes_files(pipe, tmp_path):
     first = sensitivity(pipe, PROMPTS, SEEDS, N, guidance_scale=7.5, noise=0.5, out=tmp_path)
     second = sensitivity(pipe, PROMPTS, SEEDS, N, guidance_scale=7.5, noise=0.5)

@@ -142,7 +142,8 @@ def test_the_published_transformer_configs_are_kept_with_their_source(arch, key,
     assert resolution(arch) == 1024
 
 
-@pytest.mark.parametrize("arch", ["pixart-sigma", "sd3-medium", "flux-dev"])  # flux-dev's 1+1 blocks: 550M params
+@pytest.mark.parametrize("arch", ["pixart-sigma", "sd3-medium",
+                                  pytest.param("flux-dev", marks=pytest.mark.slow)])  # 1+1 blocks: 550M params
 def test_build_transformer_runs_a_published_config_at_reduced_size(arch):
     model, inputs = build_transformer(arch, "cpu", torch.float32, 1, size=128, layers=1, text_tokens=16)
     published = _published(arch)

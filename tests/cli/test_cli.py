@@ -37,6 +37,7 @@ def test_bad_schedule_on_the_command_line_is_a_clear_error(capsys):
     assert "expected a schedule of length 4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
     out = tmp_path / "circle.png"
     assert main(["generate", "a red circle left of a blue square", "--steps", "10", "--schedule", "hurry:4",
@@ -54,6 +55,7 @@ def test_generate_rejects_a_bad_schedule(capsys):
     assert "HURRY needs 0 <= reuse_steps < num_steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     """The README's Python example is code a user will paste: it must run as written."""
     from pathlib import Path
@@ -90,6 +92,7 @@ def test_search_command_end_to_end_on_the_default_model(tmp_path, capsys):
     assert (tmp_path / "c.png").exists()
 
 
+@pytest.mark.slow
 def test_compare_command_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--steps", "5", "--reuse", "2", "--count", "2", "--schedules", "hurry,early,11010",
@@ -105,6 +108,7 @@ def test_compare_command_writes_json_and_table(tmp_path, capsys):
     assert "needs --prompts FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_prints_the_schedule_that_ran(tmp_path, capsys):
     """A schedule recorded at 4 steps and run at 8 is moved by timestep; the command says what ran."""
     path = tmp_path / "four.json"

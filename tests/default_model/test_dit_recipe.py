@@ -169,6 +169,7 @@ def test_the_cli_maps_arch_and_the_denoiser_aliases(tmp_path, monkeypatch):
     assert seen["out"] == "runs/default" and seen["arch"] == "unet" and seen["unet_steps"] == 5
 
 
+@pytest.mark.slow
 def test_the_shipped_dit_is_a_plain_pixart_folder_under_30_mb_with_its_card(tmp_path):
     folder = default_model.DEFAULT_MODELS["dit"]
     assert sum(f.stat().st_size for f in folder.rglob("*.safetensors")) <= 30 * 2**20

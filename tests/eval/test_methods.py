@@ -68,7 +68,8 @@ def pixart():
     return build_pipeline("tiny-pixart")
 
 
-@pytest.mark.parametrize("spec", ["fbc:0.5", "fastercache", "pab:2", "taylorseer:2", "magcache:0.5", "plan:0.9"])
+@pytest.mark.parametrize("spec", ["fbc:0.5", "fastercache", "pab:2", "taylorseer:2", "magcache:0.5",
+                                  pytest.param("plan:0.9", marks=pytest.mark.slow)])
 def test_dit_peers_run_on_a_pixart_pipeline_and_leave_it_as_it_was(pixart, spec, tmp_path, monkeypatch):
     """The DiT-native peers attach to `pipe.transformer` (MagCache with ratios from its own calibration run on the
     calibration prompts, never the evaluated ones), change the images, and are removed."""
@@ -86,6 +87,7 @@ def test_dit_peers_run_on_a_pixart_pipeline_and_leave_it_as_it_was(pixart, spec,
         np.testing.assert_array_equal(run(setup), before)
 
 
+@pytest.mark.slow
 def test_phast_searches_on_the_calibration_prompts_once_then_reads_its_cached_schedule(sd_pipe, tmp_path,
                                                                                       monkeypatch):
     import attnreuse.search.store as store
