@@ -16,7 +16,7 @@ from ..testing import ARCHS
 from ..utils import SAMPLERS
 
 __all__ = ["UsageError", "at_least", "finite", "device", "model", "readable_file", "prompt_lines", "writable_file",
-           "writable_dir", "image_size", "schedule", "plan", "sampler_calls", "IMAGE_SUFFIXES"]
+           "writable_dir", "image_size", "schedule", "plan", "shipped_model", "sampler_calls", "IMAGE_SUFFIXES"]
 
 _SECOND_ORDER = ("heun", "dpm2")  # samplers that call the model twice per step but the last
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -66,9 +66,7 @@ def model(value: str | None, name: str = "--model") -> None:
     if value is None or value in ARCHS:
         return
     if value == "dit":
-        if not (DEFAULT_MODELS["dit"] / "model_index.json").is_file():
-            raise UsageError(f"{name} dit: the DiT default model is not trained yet; train it with `attnreuse "
-                             f"train-default --arch dit` and copy its model/ folder to {DEFAULT_MODELS['dit']}.")
+        shipped_model(value, name)
         return
     path = Path(value).expanduser()
     if path.exists():
@@ -80,6 +78,14 @@ def model(value: str | None, name: str = "--model") -> None:
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
         raise UsageError(f"{name} {value!r}: not a folder, a hub id (org/name) or a local architecture "
                          f"({', '.join(ARCHS)}).")
+
+
+def shipped_model(value: str, name: str = "--model") -> None:
+    """A shipped default model by name ("unet", "dit") whose folder holds a trained pipeline."""
+    if not (DEFAULT_MODELS[value] / "model_index.json").is_file():
+        raise UsageError(f"{name} {value}: the {'DiT' if value == 'dit' else 'UNet'} default model is not trained "
+                         f"yet; train it with `attnreuse train-default --arch {value}` and copy its model/ folder to "
+                         f"{DEFAULT_MODELS[value]}.")
 
 
 def readable_file(path, name: str) -> Path:

@@ -80,9 +80,8 @@ def run_train(args) -> int:
 def check_evaluate(args) -> list[float]:
     """Every argument of `evaluate-default`; returns the guidance scales to sweep."""
     checks.device(args.device)
-    if args.model in DEFAULT_MODELS and not (DEFAULT_MODELS[args.model] / "model_index.json").is_file():
-        raise UsageError(f"--model {args.model}: not trained yet; train it with `attnreuse train-default --arch "
-                         f"{args.model}` and copy its model/ folder to {DEFAULT_MODELS[args.model]}.")
+    if args.model in DEFAULT_MODELS:
+        checks.shipped_model(args.model)
     if args.model is not None and args.model not in DEFAULT_MODELS:
         checks.model(args.model)
         if not (Path(args.model) / "model_index.json").is_file():

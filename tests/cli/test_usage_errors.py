@@ -109,5 +109,7 @@ def test_a_user_error_exits_2_with_one_line_before_any_work(argv, message, tmp_p
 
 def test_the_dit_model_before_it_is_trained_is_a_usage_error(tmp_path, monkeypatch, capsys, nothing_loads):
     monkeypatch.setitem(attnreuse.cli.checks.DEFAULT_MODELS, "dit", tmp_path / "weights_dit")
-    assert main(["eval", "--model", "dit", "--out", str(tmp_path / "out")]) == 2
-    assert "the DiT default model is not trained yet" in capsys.readouterr().err
+    for argv in (["eval", "--model", "dit", "--out", str(tmp_path / "out")], ["evaluate-default", "--model", "dit"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--model dit: the DiT default model is not trained yet" in err[0], err
