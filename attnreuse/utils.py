@@ -323,14 +323,20 @@ def write_t5_tokenizer(directory, words, max_length: int = 120):
     return tokenizer
 
 
-def denoise_step(denoiser, scheduler, latents, t, guidance: float, cfg: bool = True, **inputs):
-    """One sampler step with classifier-free guidance, as diffusers' SD pipelines run it: both branches in one
-    batch (unconditional first), `guidance` times their difference added to the unconditional prediction."""
+def denoise_step(denoiser, scheduler, latents, t, guidance: float, cfg: bool = True, batch_timestep: bool = False,
+                 **inputs):
+    """One sampler step with classifier-free guidance, as diffusers' SD and PixArt pipelines run it: both branches
+    in one batch (unconditional first), `guidance` times their difference added to the unconditional prediction;
+    `batch_timestep` gives the denoiser one timestep per image (PixArt's), and of a learned-sigma output only the
+    noise half is used."""
     x = torch.cat([latents] * 2) if cfg else latents
-    eps = denoiser(scheduler.scale_model_input(x, t), t, return_dict=False, **inputs)[0]
+    timestep = t.expand(x.shape[0]) if batch_timestep and t.ndim == 0 else t
+    eps = denoiser(scheduler.scale_model_input(x, t), timestep=timestep, return_dict=False, **inputs)[0]
     if cfg:
         uncond, cond = eps.chunk(2)
         eps = uncond + guidance * (cond - uncond)
+    if eps.shape[1] == 2 * latents.shape[1]:  # learned sigma: the noise is the first half
+        eps = eps.chunk(2, dim=1)[0]
     return scheduler.step(eps, t, latents, return_dict=False)[0]
 
 
@@ -368,17 +374,7 @@ class Sampling:
 
     def step(self, model, scheduler, latents, t):
         """One sampler step of `model` from `latents` at timestep `t`."""
-        if not self.pixart:
-            return denoise_step(model, scheduler, latents, t, self.setup.guidance, self.cfg, **self.inputs)
-        x = scheduler.scale_model_input(torch.cat([latents] * 2) if self.cfg else latents, t)
-        out = model(x, timestep=t[None].expand(x.shape[0]) if t.ndim == 0 else t, return_dict=False,
-                    **self.inputs)[0]
-        if self.cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + self.setup.guidance * (cond - uncond)
-        if model.config.out_channels // 2 == latents.shape[1]:  # learned sigma: the noise is the first half
-            out = out.chunk(2, dim=1)[0]
-        return scheduler.step(out, t, latents, return_dict=False)[0]
+        return denoise_step(model, scheduler, latents, t, self.setup.guidance, self.cfg, self.pixart, **self.inputs)
 
     @torch.no_grad()
     def images(self, latents) -> np.ndarray:

@@ -41,6 +41,19 @@ def test_prefix_shared_evaluation_equals_full_pipeline_runs(sd_pipe):
     assert [alone([c])[0] for c in reversed(candidates)] == utilities[::-1]
 
 
+def test_a_pixart_pipelines_references_are_its_own_images():
+    """The evaluator steps a PixArt pipeline's loop itself (one timestep per image, the noise half of its
+    learned-sigma output): its references are exactly the pipeline's images."""
+    from attnreuse.testing import build_pipeline, example_call
+
+    pipe = build_pipeline("tiny-pixart")
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    images = pipe(PROMPTS, guidance_scale=4.5, generator=generators, output_type="np",
+                  **example_call("tiny-pixart", 6)).images
+    evaluator = Evaluator(GenerationSetup(pipe, PROMPTS, SEEDS, 6, 4.5))
+    np.testing.assert_array_equal(evaluator.references, images)
+
+
 def test_search_resumes_from_its_state_file(sd_pipe, tmp_path):
     state = tmp_path / "state.json"
     first = Evaluator(GenerationSetup(sd_pipe, PROMPTS, SEEDS, 5, 7.5), state_file=state)
