@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..reuse import denoiser
 from ..search import Evaluator
-from ..search.evaluator import candidate_key, model_name
+from ..search.evaluator import candidate_key
 from ..utils import GenerationSetup, read_json, write_json
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
@@ -204,7 +204,7 @@ def search_plan(setup: GenerationSetup, budget: float, state_file=None, progress
     best, utility = search.climb(start[1], start[0], sweeps, started + time_limit, limit)
     search._bar.close()
     plan = best.plan(complete=False).at_timesteps(search.evaluator.timesteps.tolist())
-    meta = {**search.key, "model": model_name(setup.pipe), "device_type": torch.device(setup.device).type,
+    meta = {**search.key, "device_type": torch.device(setup.device).type,
             "strategy": "planner", "psnr_db": utility,
             "predicted_latency": best.cost(search.latency), "latency_model": search.latency.to_dict(),
             "best_seed_psnr_db": best_seed[0], "best_dp_psnr_db": best_dp[0],

@@ -3,7 +3,7 @@ prefixes (`evaluator`), and searched schedules as files (`store`)."""
 
 from .evaluator import Evaluator
 from .phast import bit_flips, exhaustive, named_schedules, phast
-from .store import cached_phast, schedule_cache_dir, search_schedule
+from .store import cache_path, cached_phast, search_schedule
 
 __all__ = ["Evaluator", "phast", "exhaustive", "bit_flips", "named_schedules", "search_schedule", "cached_phast",
-           "schedule_cache_dir"]
+           "cache_path"]

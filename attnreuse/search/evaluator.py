@@ -24,7 +24,7 @@ from ..reuse import apply_reuse, denoiser
 from ..schedule import Schedule
 from ..utils import GenerationSetup, Sampling, mean_psnr, read_json, write_json
 
-__all__ = ["Evaluator", "model_name", "candidate_key"]
+__all__ = ["Evaluator", "model_name", "setup_key", "candidate_key"]
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -38,6 +38,13 @@ def model_name(pipe) -> str:
         return "attnreuse:" + Path(name).resolve().relative_to(_PACKAGE).as_posix()
     except ValueError:
         return name
+
+
+def setup_key(setup: GenerationSetup) -> dict:
+    """What a search on `setup` depends on: model, sampler, steps, guidance, calibration prompts and seeds."""
+    return {"model": model_name(setup.pipe), "sampler": type(setup.pipe.scheduler).__name__,
+            "num_inference_steps": setup.num_steps, "guidance_scale": setup.guidance, "prompts": setup.prompts,
+            "seeds": setup.seeds}
 
 
 def candidate_key(candidate) -> str:
@@ -75,10 +82,7 @@ class Evaluator:
     @property
     def key(self) -> dict:
         """What the utilities depend on (a resumed search must match it)."""
-        s = self.setup
-        return {"model": model_name(s.pipe), "sampler": type(s.pipe.scheduler).__name__,
-                "num_inference_steps": s.num_steps, "guidance_scale": s.guidance, "prompts": s.prompts,
-                "seeds": s.seeds}
+        return setup_key(self.setup)
 
     def _resume(self) -> None:
         saved = read_json(self.state_file, "search state file")

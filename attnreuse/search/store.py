@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..schedule import Schedule
 from ..utils import GenerationSetup
-from .evaluator import Evaluator, model_name
+from .evaluator import Evaluator, setup_key
 from .phast import exhaustive, phast
 
-__all__ = ["search_schedule", "schedule_cache_dir", "cached_phast"]
+__all__ = ["search_schedule", "cache_path", "cached_phast"]
 
 
 def search_schedule(setup: GenerationSetup | Evaluator, reuse_steps: int, epsilon: float = 0.0,
@@ -35,24 +35,22 @@ def search_schedule(setup: GenerationSetup | Evaluator, reuse_steps: int, epsilo
     return evaluator.describe(best, **meta)
 
 
-def schedule_cache_dir() -> Path:
-    """Where searched schedules are kept: `$ATTNREUSE_CACHE/schedules`, by default ~/.cache/attnreuse/schedules."""
-    return Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse") / "schedules"
+def cache_path(kind: str, setup: GenerationSetup, label: str, **extra) -> Path:
+    """Where a search on `setup` is kept: `$ATTNREUSE_CACHE/<kind>` (default ~/.cache/attnreuse/<kind>). The file
+    name says the setup (`label` the search's own part); a hash of the setup, the sampler's config and `extra` tells
+    apart setups that the name does not."""
+    key, config = setup_key(setup), {k: v for k, v in setup.pipe.scheduler.config.items() if not k.startswith("_")}
+    digest = hashlib.sha1(json.dumps([key, config, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^\w.-]+", "_", Path(key["model"]).name or key["model"])
+    folder = Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse") / kind
+    return folder / f"{slug}-{key['sampler']}-n{setup.num_steps}-{label}-c{len(setup.prompts)}-{digest}.json"
 
 
 def cached_phast(setup: GenerationSetup, reuse_steps: int, progress: bool = False) -> Path:
     """The schedule JSON of PHAST for this model, sampler, N, r, guidance and calibration set, searched on the first
     call and read back on later ones: a search costs minutes, an evaluation that names `phast:R` should not pay it
-    every time. The file name says the setup; a hash of the sampler's config and the calibration prompts and seeds
-    tells apart setups that the name does not."""
-    pipe = setup.pipe
-    model, sampler = model_name(pipe), type(pipe.scheduler).__name__
-    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    digest = hashlib.sha1(json.dumps([model, config, setup.num_steps, reuse_steps, setup.guidance, setup.prompts,
-                                      setup.seeds], sort_keys=True, default=str).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^\w.-]+", "_", Path(model).name or model)
-    path = schedule_cache_dir() / (f"{slug}-{sampler}-n{setup.num_steps}-r{reuse_steps}-g{setup.guidance:g}"
-                                   f"-c{len(setup.prompts)}-{digest}.json")
+    every time."""
+    path = cache_path("schedules", setup, f"r{reuse_steps}-g{setup.guidance:g}", reuse_steps=reuse_steps)
     if not path.exists():
         search_schedule(setup, reuse_steps, progress=progress, cache_key=path.stem).to_json(path, indent=1)
     return path
