@@ -74,10 +74,8 @@ class _ProbeProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, temb=None,
                  image_rotary_emb=None, rotary_emb=None, **kwargs):
-        fifth = args[0] if args else None
-        rotary = next((r for r in (image_rotary_emb, rotary_emb, fifth) if r is not None), None)
-        frame = self.family.frame(attn, hidden_states, encoder_hidden_states, temb if temb is not None else fifth,
-                                  rotary)
+        frame = self.family.call_frame(attn, hidden_states, encoder_hidden_states, args, temb, image_rotary_emb,
+                                       rotary_emb)
         query, key, value = self.family.qkv_of(attn, frame)
         mask = self.family.mask(attn, attention_mask, query, key, heads=False)
         attn_map = self.probe(self.name, attn, flat(query), flat(key), mask, self.family.scale(attn, query))

@@ -61,6 +61,14 @@ class Standard:
         x, residual, shape = enter(attn, hidden_states, temb)
         return Frame(x, context(attn, x, encoder_hidden_states), residual, shape)
 
+    def call_frame(self, attn, hidden_states, encoder_hidden_states, args, temb, image_rotary_emb,
+                   rotary_emb) -> Frame:
+        """The frame of a processor call as diffusers makes it: `args` are the positionals after the mask, where
+        UNet layers pass `temb` and Flux and Wan layers their rotary embedding."""
+        fifth = args[0] if args else None
+        rotary = next((r for r in (image_rotary_emb, rotary_emb, fifth) if r is not None), None)
+        return self.frame(attn, hidden_states, encoder_hidden_states, temb if temb is not None else fifth, rotary)
+
     def scale(self, attn, query: torch.Tensor) -> float:
         return query.shape[-1] ** -0.5 if self.default_scale else attn.scale
 

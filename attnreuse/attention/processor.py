@@ -66,10 +66,8 @@ class ReuseAttnProcessor:
         if action not in (STORE, REUSE) or (slot is not None and slot.kind == NONE):
             extra = {k: v for k, v in named.items() if k in self._original_kwargs and v is not None}
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra)
-        fifth = args[0] if args else None  # Flux and Wan layers pass their rotary embedding fifth, by position
-        rotary = next((r for r in (image_rotary_emb, rotary_emb, fifth) if r is not None), None)
-        frame = self.family.frame(attn, hidden_states, encoder_hidden_states, temb if temb is not None else fifth,
-                                  rotary)
+        frame = self.family.call_frame(attn, hidden_states, encoder_hidden_states, args, temb, image_rotary_emb,
+                                       rotary_emb)
         if action == STORE:
             projected = self._store(attn, frame, attention_mask)
         else:
