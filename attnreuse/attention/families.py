@@ -44,11 +44,6 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
-def _merge(out: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
-    return out.transpose(1, 2).flatten(2)
-
-
 class Standard:
     """`AttnProcessor2_0` and the processors with its math: the SDPA ones scale by 1/sqrt(head_dim) whatever
     `attn.scale` says, and only AttnProcessor2_0 applies the QK norms."""
