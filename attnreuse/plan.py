@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .files import atomic_write, parse_json_input, read_json
 from .schedule import Schedule, as_schedule, length_error, whole_number
-from .utils import atomic_write, parse_json_input, read_json
 
 __all__ = ["Unit", "Plan", "as_plan", "plan_or_schedule", "KINDS", "PLAN_FORMAT", "PLAN_VERSION"]
 

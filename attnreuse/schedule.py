@@ -12,7 +12,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .utils import atomic_write, parse_json_input
+from .files import atomic_write, parse_json_input
 
 __all__ = ["Schedule", "as_schedule", "whole_number", "length_error"]
 

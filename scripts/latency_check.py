@@ -8,11 +8,13 @@ import json
 
 from attnreuse.default_model import load_default_pipeline
 from attnreuse.default_model.splits import CALIBRATION, captions
+from attnreuse.files import write_json
+from attnreuse.pipelines.sampling import GenerationSetup
+from attnreuse.pipelines.timing import device_name
+from attnreuse.pipelines.tiny import build_pipeline
 from attnreuse.planner import Candidate, measure_latency, profile
 from attnreuse.planner.levels import Levels
 from attnreuse.reuse import denoiser
-from attnreuse.testing import build_pipeline
-from attnreuse.utils import GenerationSetup, device_name, write_json
 
 
 def candidates(n: int, structure: Levels) -> dict[str, Candidate]:

@@ -65,7 +65,7 @@ def main() -> int:
     growth = rows[-1]["rss_mib"] / rows[0]["rss_mib"] - 1
     verdict = "flat" if abs(growth) <= 0.05 else "GROWING"
     print(f"RSS at generation {rows[-1]['generation']} against {rows[0]['generation']}: {growth:+.1%} ({verdict})")
-    from attnreuse.utils import write_json
+    from attnreuse.files import write_json
 
     write_json(args.json, {"steps": args.steps, "rows": rows, "rss_growth": growth, "verdict": verdict})
     return 0 if verdict == "flat" else 1

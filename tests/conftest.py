@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attnreuse.testing import build_pipeline  # noqa: E402
+from attnreuse.pipelines.tiny import build_pipeline  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnreuse import attention_layers
-from attnreuse.analysis import (
+from attnreuse.eval.analysis import (
     _generate,
     _Perturber,
     _probed,
@@ -19,7 +19,7 @@ from attnreuse.analysis import (
     redundancy,
     sensitivity,
 )
-from attnreuse.testing import build_pipeline
+from attnreuse.pipelines.tiny import build_pipeline
 
 N = 4
 PROMPTS = ["a red circle", "a blue square on the left"]

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from helpers import STEPS, CallCounter, attention_modules, run
 
 from attnreuse import Schedule, apply_attention_reuse, attention_layers
-from attnreuse.utils import use_sampler
+from attnreuse.pipelines.sampling import use_sampler
 
 
 def test_wrong_length_is_refused_before_any_sampling(sd_pipe):

@@ -16,9 +16,12 @@ def test_ruff_is_clean():
     assert done.returncode == 0, done.stdout[-3000:]
 
 
-ENGINE = ["__init__.py", "schedule.py", "plan.py", "reuse.py", "state.py", "cache.py", "units.py", "wrappers.py",
-          "utils.py", "attention"]
-TOOLS = {"analysis", "bench", "cli", "default_model", "eval", "planner", "search", "testing"}
+PACKAGE = ROOT / "attnreuse"
+ENGINE_PACKAGES = {"attention"}  # the engine: the package's top-level modules and these subpackages
+TOOLS = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} - ENGINE_PACKAGES
+ENGINE = [p.name for p in sorted(PACKAGE.glob("*.py")) if p.name != "__main__.py"] + sorted(ENGINE_PACKAGES)  # __main__: the CLI
+GRAB_BAGS = {"utils", "helpers", "common", "misc", "util", "tools"}
+TOP_LEVEL_LINES = 400
 
 
 def _modules(paths):
@@ -43,8 +46,7 @@ def _imported(tree) -> set[str]:
 
 
 def test_the_engine_imports_no_tool():
-    package = ROOT / "attnreuse"
-    for module in _modules(package / name for name in ENGINE):
+    for module in _modules(PACKAGE / name for name in ENGINE):
         tools = _imported(ast.parse(module.read_text())) & TOOLS
         assert not tools, f"{module.relative_to(ROOT)} imports the tool(s) {sorted(tools)}"
 
@@ -56,3 +58,22 @@ def test_functions_and_classes_stay_short():
             if limit:
                 length = node.end_lineno - node.lineno + 1
                 assert length <= limit, f"{module.relative_to(ROOT)}: {node.name} is {length} lines"
+
+
+def test_no_grab_bag_modules():
+    """Each helper lives with its concept: no module or package named like a grab-bag."""
+    bags = [p.relative_to(ROOT) for p in PACKAGE.rglob("*") if p.stem in GRAB_BAGS and p.suffix in ("", ".py")]
+    assert not bags, f"grab-bag modules: {bags}"
+
+
+def test_top_level_modules_are_small_rooms():
+    """The engine's rooms at the package's top level stay under TOP_LEVEL_LINES lines each."""
+    for module in PACKAGE.glob("*.py"):
+        lines = len(module.read_text().splitlines())
+        assert lines <= TOP_LEVEL_LINES, f"{module.relative_to(ROOT)} is {lines} lines"
+
+
+def test_the_tools_are_subpackages():
+    """A reader finds the engine at the top level and each tool in its own subpackage."""
+    assert {"bench", "cli", "default_model", "eval", "pipelines", "search"} <= TOOLS
+    assert "cli" not in {p.stem for p in PACKAGE.glob("*.py")}

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnreuse import Schedule, apply_attention_reuse, as_schedule
-from attnreuse.testing import build_pipeline
+from attnreuse.pipelines.tiny import build_pipeline
 
 ATOMS = st.one_of(st.integers(-3, 3), st.booleans(), st.floats(allow_nan=True), st.text(max_size=3), st.none())
 JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(), st.text(max_size=4)),

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from helpers import STEPS, CallCounter, attention_modules, run
 
 from attnreuse import AttentionReuseConfig, AttentionReuseHelper, Schedule, apply_attention_reuse
-from attnreuse.utils import use_sampler
+from attnreuse.pipelines.sampling import use_sampler
 
 
 @pytest.mark.parametrize("arch", ["sd", "sdxl"])

@@ -1,4 +1,4 @@
-"""The tiny transformer (DiT) and ControlNet pipelines of attnreuse.testing, its model-only denoisers, and the
+"""The tiny transformer (DiT) and ControlNet pipelines of attnreuse.pipelines.tiny, its model-only denoisers, and the
 benchmark builders of the published transformer configs at reduced size. All local, random weights, CPU."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnreuse.bench.models import TRANSFORMERS, build_transformer, build_unet, resolution
-from attnreuse.testing import (
+from attnreuse.pipelines.tiny import (
     ARCHS,
     MODEL_ONLY,
     arch_spec,

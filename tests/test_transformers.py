@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnreuse import Plan, Schedule, Unit, apply_reuse
-from attnreuse.testing import build_denoiser, build_pipeline, example_call
+from attnreuse.pipelines.tiny import build_denoiser, build_pipeline, example_call
 from attnreuse.units import transformer_blocks
 
 PIPELINES = ["tiny-pixart", "tiny-sd3", "tiny-flux"]

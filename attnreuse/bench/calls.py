@@ -14,10 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
+from ..pipelines.sampling import SD_SCHEDULER, denoise_step
+from ..pipelines.timing import timed
 from ..plan import Plan, Unit
 from ..reuse import apply_reuse
 from ..schedule import Schedule
-from ..utils import SD_SCHEDULER, denoise_step, timed
 
 __all__ = ["VARIANTS", "options", "applied", "usable", "fp8_ok", "too_large", "count_operators", "per_call",
            "end_to_end"]

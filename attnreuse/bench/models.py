@@ -1,6 +1,6 @@
 """Denoisers to time, with random weights (speed does not depend on the weights), and the inputs of one call: the
 SD1.5 and SDXL UNets and the PixArt-Sigma, SD3 Medium and FLUX.1-dev transformers from their published configs
-(`configs/`), or the tiny local architectures of `attnreuse.testing`."""
+(`configs/`), or the tiny local architectures of `attnreuse.pipelines.tiny`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from importlib import resources
 
 import torch
 
-from ..testing import (
+from ..pipelines.tiny import (
     ARCHS,
     MODEL_ONLY,
     build_denoiser,
@@ -55,7 +55,7 @@ def _config(arch: str) -> tuple[dict, int]:
         raise ValueError(f"{arch!r} is a transformer architecture: build it with build_transformer.")
     if arch in ARCHS and arch not in RESOLUTION:  # the tests' tiny architectures
         spec = ARCHS[arch]
-        factor = 2 ** (len(spec["vae"]) - 1)  # the VAE's downsampling, as in testing.build_pipeline
+        factor = 2 ** (len(spec["vae"]) - 1)  # the VAE's downsampling, as in pipelines.tiny.build_pipeline
         return dict(unet_config(arch), sample_size=spec["size"] // factor, in_channels=4, out_channels=4), factor
     if arch in RESOLUTION:
         config = json.loads(resources.files(__package__).joinpath(f"configs/{arch}_unet.json").read_text())
@@ -91,7 +91,7 @@ def build_transformer(arch: str, device, dtype, batch: int, size: int | None = N
     """A random-weight DiT of `arch` and the keyword inputs of one call, timestep included: `model(**inputs)`.
 
     `arch`: a published config (TRANSFORMERS: pixart-sigma, sd3-medium, flux-dev) or a tiny one of
-    attnreuse.testing (tiny-pixart, tiny-sd3, tiny-flux, tiny-wan). Images of `size` pixels (default the
+    attnreuse.pipelines.tiny (tiny-pixart, tiny-sd3, tiny-flux, tiny-wan). Images of `size` pixels (default the
     architecture's own, 1024 for the published ones) and `text_tokens` text tokens (default what its pipeline
     sends). A published config keeps its widths, heads and text widths as published; `layers` only keeps that many
     transformer blocks (Flux: that many double-stream and as many single-stream blocks), which with a small `size`

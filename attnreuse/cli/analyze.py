@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .. import analysis
+from ..cli.pipeline import add_model_options, check_model_options, pipeline, prompts
 from ..default_model.splits import EVALUATION
+from ..eval import analysis
 from . import checks
 from .checks import UsageError
-from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_analyze"]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from ..bench import PAPER_PHAST_DDIM20, VARIANTS, bench, markdown, quality
 from ..bench.models import RESOLUTION, TRANSFORMERS
+from ..cli.pipeline import default_device, load_model, prompts
 from ..default_model.splits import EVALUATION
-from ..testing import ARCHS, MODEL_ONLY
-from ..utils import atomic_write, read_json, write_json
+from ..files import atomic_write, read_json, write_json
+from ..pipelines.tiny import ARCHS, MODEL_ONLY
 from . import checks
 from .checks import UsageError
-from .common import default_device, load_model, prompts
 
 __all__ = ["register", "run_bench"]
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
                     "flow-matching Euler loop for transformers) with the paper's PHAST schedule, each as a ratio to "
                     "the no-reuse baseline measured in the same run. fp16 on CUDA, fp32 on CPU.")
     b.add_argument("--arch", default="sd15", help="comma list of sd15, sdxl, pixart-sigma, sd3-medium, flux-dev (or a "
-                                                  "tiny one of attnreuse.testing)")
+                                                  "tiny one of attnreuse.pipelines.tiny)")
     b.add_argument("--layers", type=int, help="transformers: keep this many blocks (Flux: of each kind), for a CPU")
     b.add_argument("--text-tokens", type=int, help="transformers: text tokens per call (default: the pipeline's)")
     b.add_argument("--batch", default="2", help="comma list of UNet batch sizes (2 = one image with CFG)")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cli.pipeline import default_device
 from ..default_model import DEFAULT_MODELS, DEFAULT_OUT
 from . import checks
 from .checks import UsageError
-from .common import default_device
 
 __all__ = ["register", "run_train", "run_evaluate"]
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cli.pipeline import add_model_options, check_model_options, pipeline, prompts, shipped
 from ..default_model.splits import CALIBRATION, EVALUATION
 from ..eval.methods import check_spec
 from ..eval.metrics import load_extra_metrics
 from ..eval.report import write_report
 from ..eval.runner import PRESETS, merge_runs, run_methods, summarize
-from ..utils import GenerationSetup
+from ..pipelines.sampling import GenerationSetup
 from . import checks
 from .checks import UsageError
-from .common import add_model_options, check_model_options, pipeline, prompts, shipped
 
 __all__ = ["register", "run_eval"]
 

@@ -8,12 +8,16 @@ from statistics import median
 import torch
 from tqdm.auto import tqdm
 
+from ..cli.pipeline import default_device, load_model, pipeline, shipped
+from ..eval.images import save_image
+from ..eval.metrics import psnr
+from ..files import write_json
+from ..pipelines.sampling import SAMPLERS, generators, use_sampler
+from ..pipelines.timing import device_name, timed
 from ..reuse import apply_reuse, denoiser
 from ..schedule import Schedule
-from ..utils import SAMPLERS, device_name, generators, psnr, save_image, timed, use_sampler, write_json
 from . import checks
 from .checks import UsageError
-from .common import default_device, load_model, pipeline, shipped
 
 __all__ = ["register", "run_generate", "run_speed"]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cli.pipeline import add_model_options, check_model_options, pipeline, prompts
 from ..default_model.splits import CALIBRATION
-from ..utils import GenerationSetup, read_json
+from ..files import read_json
+from ..pipelines.sampling import GenerationSetup
 from . import checks
 from .checks import UsageError
-from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_plan"]
 

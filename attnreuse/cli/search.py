@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cli.pipeline import add_model_options, check_model_options, pipeline, prompts
 from ..default_model.splits import CALIBRATION, EVALUATION
+from ..files import atomic_write, read_json, write_json
+from ..pipelines.sampling import GenerationSetup
 from ..search import Evaluator, named_schedules, search_schedule
 from ..search.phast import EXHAUSTIVE_MAX_STEPS
-from ..utils import GenerationSetup, atomic_write, read_json, write_json
 from . import checks
 from .checks import UsageError
-from .common import add_model_options, check_model_options, pipeline, prompts
 
 __all__ = ["register", "run_search", "run_compare"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..utils import atomic_write, read_json
+from ..files import atomic_write, read_json
 from . import load_default_pipeline
 from .config import MAX_TOKENS, TEXT, UNET, VAE
 from .shapes import VOCABULARY

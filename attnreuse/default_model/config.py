@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..utils import SD_SCHEDULER, write_clip_tokenizer, write_t5_tokenizer
+from ..pipelines.sampling import SD_SCHEDULER
+from ..pipelines.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from .shapes import IMAGE_SIZE, VOCABULARY
 
 __all__ = ["ARCHS", "MAX_TOKENS", "LATENT_SIZE", "VAE", "TEXT", "UNET", "T5_TEXT", "DIT", "T5_MAX_LENGTH",

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.images import image_grid, save_image
+from ..eval.metrics import mean_psnr
+from ..files import write_json
+from ..pipelines.sampling import GenerationSetup
+from ..pipelines.timing import device_name
 from ..reuse import apply_attention_reuse
 from ..schedule import Schedule
-from ..utils import GenerationSetup, device_name, image_grid, mean_psnr, save_image, write_json
 from . import DEFAULT_GUIDANCE, default_model_dir, load_default_pipeline
 from .faithfulness import pass_rates
 from .splits import VALIDATION, held_out_captions

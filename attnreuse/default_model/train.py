@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write, device_name, read_json, write_json
+from ..files import atomic_write, read_json, write_json
+from ..pipelines.timing import device_name
 from .config import ARCHS, MAX_TOKENS, build_components
 from .shapes import batch
 from .splits import HELD_OUT_OFFSET

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..pipelines.sampling import GenerationSetup, generators
 from ..plan import Plan, plan_or_schedule
 from ..planner.store import cached_plan
 from ..reuse import apply_reuse, denoiser
 from ..search import cached_phast
-from ..utils import GenerationSetup, generators
 
 __all__ = ["method", "check_spec", "Run", "PeerUnavailable", "family", "METHODS", "PEERS"]
 

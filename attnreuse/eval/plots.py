@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write, image_grid, save_image
+from ..eval.images import image_grid, save_image
+from ..files import atomic_write
 
 __all__ = ["pyplot", "save_figure", "pareto_plot", "method_grid"]
 

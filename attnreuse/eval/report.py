@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..utils import atomic_write, write_json
+from ..files import atomic_write, write_json
 from .plots import method_grid, pareto_plot
 from .runner import MATCH_TOLERANCE, environment
 

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..eval.metrics import mean_psnr
+from ..pipelines.sampling import GenerationSetup
+from ..pipelines.timing import device_name, timed
 from ..reuse import denoiser
-from ..utils import GenerationSetup, device_name, mean_psnr, timed
 from .methods import family, method
 from .metrics import extra_scores, image_metrics
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..pipelines.sampling import GenerationSetup
+from ..pipelines.timing import device_name, timed
 from ..plan import Plan, Unit
 from ..reuse import apply_reuse, denoiser
-from ..utils import GenerationSetup, device_name, timed
 from .levels import Levels
 
 __all__ = ["LatencyModel", "profile", "measure_latency", "kind_plan", "first_call", "ATTENTION_ACTIONS"]

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import read_json, write_json
+from ..pipelines.sampling import GenerationSetup
 from ..reuse import denoiser
 from ..search import Evaluator
 from ..search.evaluator import candidate_key
-from ..utils import GenerationSetup, read_json, write_json
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
 from .space import Candidate, neighbours, seeds

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_json
+from ..pipelines.sampling import GenerationSetup
 from ..search.evaluator import setup_key
 from ..search.store import cache_path
-from ..utils import GenerationSetup, read_json
 from .latency import LatencyModel
 from .search import search_plan
 

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..eval.metrics import mean_psnr
+from ..files import read_json, write_json
+from ..pipelines.sampling import GenerationSetup, Sampling
 from ..plan import Plan, plan_or_schedule
 from ..reuse import apply_reuse, denoiser
 from ..schedule import Schedule
-from ..utils import GenerationSetup, Sampling, mean_psnr, read_json, write_json
 
 __all__ = ["Evaluator", "model_name", "setup_key", "candidate_key"]
 

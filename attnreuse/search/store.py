@@ -9,8 +9,8 @@ import os
 import re
 from pathlib import Path
 
+from ..pipelines.sampling import GenerationSetup
 from ..schedule import Schedule
-from ..utils import GenerationSetup
 from .evaluator import Evaluator, setup_key
 from .phast import exhaustive, phast
 

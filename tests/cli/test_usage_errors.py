@@ -5,7 +5,7 @@ import pytest
 import attnreuse.bench.run
 import attnreuse.cli.bench
 import attnreuse.cli.checks
-import attnreuse.cli.common
+import attnreuse.cli.pipeline
 import attnreuse.default_model.evaluate
 import attnreuse.default_model.train
 from attnreuse.cli import main
@@ -83,8 +83,8 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for module, name in [(attnreuse.cli.common, "load_default_pipeline"), (attnreuse.cli.common, "build_pipeline"),
-                         (attnreuse.cli.common, "load_pipeline"), (attnreuse.bench.run, "build_unet"),
+    for module, name in [(attnreuse.cli.pipeline, "load_default_pipeline"), (attnreuse.cli.pipeline, "build_pipeline"),
+                         (attnreuse.cli.pipeline, "load_pipeline"), (attnreuse.bench.run, "build_unet"),
                          (attnreuse.default_model.train, "train_default"),
                          (attnreuse.default_model.evaluate, "evaluate_default")]:
         monkeypatch.setattr(module, name, refuse)

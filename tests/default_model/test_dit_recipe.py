@@ -120,7 +120,7 @@ def test_worker_processes_build_the_same_batches(tmp_path):
     import functools
 
     from attnreuse.default_model.shapes import VOCABULARY
-    from attnreuse.utils import write_t5_tokenizer
+    from attnreuse.pipelines.tokenizers import write_t5_tokenizer
 
     tokenizer = write_t5_tokenizer(tmp_path, VOCABULARY)
     make = functools.partial(train._denoiser_item, seed=0, batch_size=3, tokenizer=tokenizer, drop_caption=0.5,

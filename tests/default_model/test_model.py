@@ -10,7 +10,7 @@ from attnreuse import Schedule, apply_attention_reuse
 from attnreuse.default_model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, load_default_pipeline
 from attnreuse.default_model.faithfulness import pass_rates
 from attnreuse.default_model.splits import held_out_captions
-from attnreuse.utils import generate
+from attnreuse.pipelines.sampling import generate
 
 CAPTIONS = ["a red circle on the left", "a large blue square in the center", "a green triangle at the top",
             "a yellow circle left of a purple square", "a small orange square above a large blue circle"]

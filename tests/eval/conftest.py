@@ -9,8 +9,8 @@ def clip_model(tmp_path_factory):
     """A tiny CLIP folder with random weights, as `from_pretrained` reads a real one (tokenizer written here)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from attnreuse.testing import DEFAULT_WORDS
-    from attnreuse.utils import write_clip_tokenizer
+    from attnreuse.pipelines.tiny import DEFAULT_WORDS
+    from attnreuse.pipelines.tokenizers import write_clip_tokenizer
 
     path = tmp_path_factory.mktemp("clip")
     tokenizer = write_clip_tokenizer(path, DEFAULT_WORDS)

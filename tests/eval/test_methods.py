@@ -6,8 +6,8 @@ import pytest
 
 from attnreuse.default_model import load_default_pipeline
 from attnreuse.eval.methods import PeerUnavailable, method
+from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.schedule import Schedule
-from attnreuse.utils import GenerationSetup
 
 
 def _ONE(pipe, steps=4, guidance=4.5):
@@ -63,7 +63,7 @@ def test_diffusers_caches_for_transformers_are_reported_on_a_unet_and_removed(pi
 
 @pytest.fixture(scope="module")
 def pixart():
-    from attnreuse.testing import build_pipeline
+    from attnreuse.pipelines.tiny import build_pipeline
 
     return build_pipeline("tiny-pixart")
 

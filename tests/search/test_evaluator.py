@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from attnreuse import Schedule, apply_attention_reuse
+from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.search import Evaluator, bit_flips
-from attnreuse.utils import GenerationSetup
 
 PROMPTS, SEEDS = ["a red circle", "a blue square", "a green triangle"], [0, 1, 2]
 
@@ -44,7 +44,7 @@ def test_prefix_shared_evaluation_equals_full_pipeline_runs(sd_pipe):
 def test_a_pixart_pipelines_references_are_its_own_images():
     """The evaluator steps a PixArt pipeline's loop itself (one timestep per image, the noise half of its
     learned-sigma output): its references are exactly the pipeline's images."""
-    from attnreuse.testing import build_pipeline, example_call
+    from attnreuse.pipelines.tiny import build_pipeline, example_call
 
     pipe = build_pipeline("tiny-pixart")
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]

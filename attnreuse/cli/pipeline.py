@@ -8,8 +8,8 @@ import torch
 
 from ..default_model import DEFAULT_GUIDANCE, load_default_pipeline
 from ..default_model.splits import captions
-from ..testing import ARCHS, build_pipeline
-from ..utils import SAMPLERS, load_pipeline, use_sampler
+from ..pipelines.sampling import SAMPLERS, load_pipeline, use_sampler
+from ..pipelines.tiny import ARCHS, build_pipeline
 from . import checks
 from .checks import UsageError
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utils import SD_SCHEDULER, write_clip_tokenizer, write_t5_tokenizer
+from .sampling import SD_SCHEDULER
+from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 __all__ = ["ARCHS", "MODEL_ONLY", "DEFAULT_WORDS", "arch_spec", "build_denoiser", "build_pipeline", "control_image",
            "denoiser_class", "denoiser_inputs", "denoiser_model", "example_call", "unet_config", "with_layers"]

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import family_of
-from .attention.math import attention_map, flat
-from .eval.plots import pyplot, save_figure
-from .reuse import attention_layers
-from .utils import generate, write_json
+from ..attention import family_of
+from ..attention.math import attention_map, flat
+from ..files import write_json
+from ..pipelines.sampling import generate
+from ..reuse import attention_layers
+from .plots import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 
