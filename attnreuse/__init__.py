@@ -4,18 +4,14 @@ Implements Hunter, Dudziak et al., "Fast Sampling Through The Reuse Of Attention
 (arXiv 2401.01008) for diffusers pipelines and models, and plans that reuse work at every granularity.
 """
 
-from .plan import Plan, Unit
-from .reuse import (
-    AttentionReuseConfig,
-    AttentionReuseHandle,
-    AttentionReuseHelper,
-    apply_attention_reuse,
-    apply_reuse,
-    attention_layers,
-)
-from .schedule import Schedule, as_schedule
+from .handle import AttentionReuseHandle
+from .layers import attention_layers, denoiser
+from .options import AttentionReuseConfig
+from .plan import Plan, Schedule, Unit, as_plan, as_schedule
+from .reuse import AttentionReuseHelper, apply_attention_reuse, apply_reuse
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "Unit", "Schedule", "as_schedule", "AttentionReuseConfig", "AttentionReuseHandle",
-           "AttentionReuseHelper", "apply_reuse", "apply_attention_reuse", "attention_layers", "__version__"]
+__all__ = ["Plan", "Unit", "as_plan", "apply_reuse", "AttentionReuseHandle", "AttentionReuseConfig",
+           "attention_layers", "denoiser", "Schedule", "as_schedule", "apply_attention_reuse", "AttentionReuseHelper",
+           "__version__"]

@@ -7,8 +7,8 @@ import torch
 from PIL import ImageOps
 
 from attnreuse import Plan, Unit, apply_reuse
+from attnreuse.layers import denoiser
 from attnreuse.pipelines.tiny import build_pipeline, control_image, example_call
-from attnreuse.reuse import denoiser
 
 STEPS = 6
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")  # diffusers' own ControlNet

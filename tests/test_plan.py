@@ -62,11 +62,26 @@ def test_an_all_compute_plan_of_every_unit_is_bit_identical(sd_pipe):
 
 
 def test_a_schedule_and_its_plan_give_the_same_images(sd_pipe):
-    schedule = Schedule("110100")
-    with apply_reuse(sd_pipe, schedule):
+    """Every way of writing the paper's schedule is one plan: bits, a Schedule, Plan.attention and Plan.hurry."""
+    with apply_reuse(sd_pipe, Schedule("111100")):
         expected = _images(sd_pipe)
-    with apply_reuse(sd_pipe, Plan.from_schedule(schedule)):
-        np.testing.assert_array_equal(_images(sd_pipe), expected)
+    for same in ("111100", [1, 1, 1, 1, 0, 0], "hurry:6:2", Plan.attention("111100"), Plan.hurry(6, 2)):
+        with apply_reuse(sd_pipe, same) as handle:
+            np.testing.assert_array_equal(_images(sd_pipe), expected)
+            assert handle.plan.units["attention"].bits == (1, 1, 1, 1, 0, 0)
+    with apply_reuse(sd_pipe, "111100", mode="qk"):
+        qk = _images(sd_pipe)
+    with apply_reuse(sd_pipe, Plan.hurry(6, 2, mode="qk")):
+        np.testing.assert_array_equal(_images(sd_pipe), qk)
+
+
+def test_options_for_a_schedule_are_refused_with_a_plan(sd_pipe):
+    """A Plan says its mode and layers in its units; apply's schedule options are refused, not ignored."""
+    for option in ({"mode": "qk"}, {"layers": ["nothing.*"]}, {"attention": "self"}):
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"{name}=.* applies to a schedule .* but this is a Plan"):
+            apply_reuse(sd_pipe, Plan.hurry(6, 2), **option)
+    assert not hasattr(sd_pipe.unet, "_attnreuse_handle")
 
 
 @pytest.mark.parametrize("interval", [2, 3])

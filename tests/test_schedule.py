@@ -49,7 +49,7 @@ def test_json_round_trip(tmp_path):
     assert Schedule.from_json(str(path)).meta["strategy"] == "phast"
     assert as_schedule(str(path)) == s
     assert Schedule.from_json("[1, 0, 0]") == Schedule("100")
-    with pytest.raises(ValueError, match="'schedule' field"):
+    with pytest.raises(ValueError, match="not a plan .* or a schedule"):
         Schedule.from_json('{"bits": [1]}')
 
 
