@@ -380,5 +380,3 @@ def _hurry_numbers(value: str, num_steps: int | None) -> tuple[int, int]:
         raise ValueError(f"Expected {forms}, got {value!r}.") from None
     return n, r
 
-
-plan_or_schedule = as_plan  # TRANSITION: the tools' old name, removed once they import as_plan

@@ -99,11 +99,3 @@ def length_error(entries: int, num_calls: int, order: int = 1, what: str = "sche
         "`strength`), or record its timesteps (`at_timesteps`) so that it can be moved to other timesteps."
     )
 
-
-def __getattr__(name):
-    """`Schedule` and `as_schedule` moved to `attnreuse.plan` (a schedule is a one-unit plan); old imports work."""
-    if name in ("Schedule", "as_schedule"):
-        from . import plan
-
-        return getattr(plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,12 +9,11 @@ import json
 from attnreuse.default_model import load_default_pipeline
 from attnreuse.default_model.splits import CALIBRATION, captions
 from attnreuse.files import write_json
+from attnreuse.layers import denoiser
 from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.pipelines.timing import device_name
 from attnreuse.pipelines.tiny import build_pipeline
-from attnreuse.planner import Candidate, measure_latency, profile
-from attnreuse.planner.levels import Levels
-from attnreuse.reuse import denoiser
+from attnreuse.search import Candidate, Levels, measure_latency, profile
 
 
 def candidates(n: int, structure: Levels) -> dict[str, Candidate]:

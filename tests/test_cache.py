@@ -6,7 +6,7 @@ from helpers import STEPS, CallCounter, attention_modules, run
 
 from attnreuse import Schedule, apply_attention_reuse
 from attnreuse.attention import processor
-from attnreuse.eval.metrics import psnr
+from attnreuse.search.utility import psnr
 
 
 def test_lookahead_stores_exactly_the_maps_a_later_call_reuses(sd_pipe, monkeypatch):

@@ -44,6 +44,8 @@ def test_a_plan_round_trips_through_json_and_moves_between_samplers(tmp_path):
                                                            "b": {"kind": "attention", "bits": "100"}}}, "one bit per"),
     ({"format": "attnreuse-plan", "version": 1, "units": {"a": {"kind": "call", "bits": "10", "mode": "map"}}},
      "mode must be one of"),
+    ({"format": "attnreuse-plan", "version": 1, "units": {"a": {"kind": "attention", "bits": "10", "layers": []}}},
+     r"unit 'a': a unit's layers \[\] select no layer"),
 ])
 def test_a_bad_plan_file_names_the_file_and_the_field(tmp_path, data, message):
     path = tmp_path / "bad.json"
@@ -51,6 +53,13 @@ def test_a_bad_plan_file_names_the_file_and_the_field(tmp_path, data, message):
     with pytest.raises((ValueError, TypeError), match=message) as err:
         Plan.from_json(path)
     assert str(path) in str(err.value)
+
+
+def test_moving_a_plan_to_no_timesteps_is_a_named_error():
+    plan = Plan.hurry(4, 2).at_timesteps([900, 600, 300, 0])
+    with pytest.raises(ValueError, match="for_timesteps needs at least one timestep"):
+        plan.for_timesteps([])
+    assert plan.for_timesteps([950, 10]).units["attention"].bits == (1, 0)
 
 
 def test_an_all_compute_plan_of_every_unit_is_bit_identical(sd_pipe):

@@ -12,8 +12,8 @@ from ..attention import check_kernels
 from ..attention.cpu_store import CoreThreads, map_store_cpu
 from ..attention.kernel_check import kernel_ok
 from ..attention.math import FP8_SCALE, flat, times_map
+from ..layers import attention_layers
 from ..pipelines.timing import timed
-from ..reuse import attention_layers
 from .calls import fp8_ok
 
 __all__ = ["attention_only", "attention_profile"]

@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 
 from ..pipelines.sampling import SD_SCHEDULER, denoise_step
 from ..pipelines.timing import timed
-from ..plan import Plan, Unit
+from ..plan import Plan, Schedule, Unit
 from ..reuse import apply_reuse
-from ..schedule import Schedule
 
 __all__ = ["VARIANTS", "options", "applied", "usable", "fp8_ok", "too_large", "count_operators", "per_call",
            "end_to_end"]

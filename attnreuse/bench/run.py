@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..eval.metrics import mean_psnr
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name
 from ..pipelines.tiny import ARCHS, MODEL_ONLY
+from ..search.utility import mean_psnr
 from .attention import attention_only, attention_profile
 from .calls import VARIANTS, applied, end_to_end, per_call, too_large
 from .models import TRANSFORMERS, build_transformer, build_unet, resolution

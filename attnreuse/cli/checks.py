@@ -13,7 +13,7 @@ import torch
 from ..default_model import DEFAULT_MODELS
 from ..pipelines.sampling import SAMPLERS
 from ..pipelines.tiny import ARCHS
-from ..schedule import Schedule, as_schedule
+from ..plan import Schedule, as_schedule
 
 __all__ = ["UsageError", "at_least", "finite", "device", "model", "readable_file", "prompt_lines", "writable_file",
            "writable_dir", "image_size", "schedule", "plan", "shipped_model", "sampler_calls", "IMAGE_SUFFIXES"]

@@ -10,12 +10,13 @@ from tqdm.auto import tqdm
 
 from ..cli.pipeline import default_device, load_model, pipeline, shipped
 from ..eval.images import save_image
-from ..eval.metrics import psnr
 from ..files import write_json
+from ..layers import denoiser
 from ..pipelines.sampling import SAMPLERS, generators, use_sampler
 from ..pipelines.timing import device_name, timed
-from ..reuse import apply_reuse, denoiser
-from ..schedule import Schedule
+from ..plan import Schedule
+from ..reuse import apply_reuse
+from ..search.utility import psnr
 from . import checks
 from .checks import UsageError
 
@@ -98,7 +99,7 @@ def check_generate(args):
 
 
 def _shipped(sampler: str, budget: float) -> str:
-    from ..planner.store import shipped_plan
+    from ..search import shipped_plan
 
     try:
         return str(shipped_plan("dpm++" if sampler == "dpm++" else "ddim", budget))

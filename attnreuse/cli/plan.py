@@ -46,7 +46,7 @@ def check_plan(args):
         checks.writable_file(args.state, "--state", (".json",))
     if not args.profile:
         return None
-    from ..planner import LatencyModel
+    from ..search import LatencyModel
 
     try:
         meta = read_json(checks.readable_file(args.profile, "--profile"), "--profile file").get("meta", {})
@@ -57,8 +57,8 @@ def check_plan(args):
 
 def run_plan(args) -> int:
     """Search on one process, or spread the scoring over those `accelerate launch` or torchrun started."""
-    from ..planner import search_plan
-    from ..planner.search import Shards
+    from ..search import search_plan
+    from ..search.planner import Shards
 
     latency = check_plan(args)
     shards = Shards.from_accelerate()

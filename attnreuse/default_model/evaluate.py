@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.images import image_grid, save_image
-from ..eval.metrics import mean_psnr
 from ..files import write_json
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name
+from ..plan import Schedule
 from ..reuse import apply_attention_reuse
-from ..schedule import Schedule
+from ..search.utility import mean_psnr
 from . import DEFAULT_GUIDANCE, default_model_dir, load_default_pipeline
 from .faithfulness import pass_rates
 from .splits import VALIDATION, held_out_captions

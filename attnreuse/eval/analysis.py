@@ -23,8 +23,8 @@ import torch
 from ..attention import family_of
 from ..attention.math import attention_map, flat
 from ..files import write_json
+from ..layers import attention_layers
 from ..pipelines.sampling import generate
-from ..reuse import attention_layers
 from .plots import pyplot, save_figure
 
 logger = logging.getLogger(__name__)

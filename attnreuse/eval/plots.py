@@ -8,8 +8,17 @@ import numpy as np
 
 from ..eval.images import image_grid, save_image
 from ..files import atomic_write
+from .methods import family_role
 
-__all__ = ["pyplot", "save_figure", "pareto_plot", "method_grid"]
+__all__ = ["pyplot", "save_figure", "pareto_plot", "method_grid", "STYLES", "style", "curves"]
+
+# how the Pareto plot draws a family, by its role in the method registry (`eval.methods.family_role`): attnreuse's
+# own methods as solid curves of circles on top, the peers as squares joined by dotted lines, step reduction grey
+STYLES = {
+    "baseline": dict(marker="o", linestyle="-", linewidth=1, color="0.45", zorder=2),
+    "attnreuse": dict(marker="o", linestyle="-", linewidth=1.5, zorder=4),
+    "peer": dict(marker="s", linestyle=":", linewidth=1, markersize=5, zorder=3),
+}
 
 
 def pyplot():
@@ -28,19 +37,32 @@ def save_figure(fig, path, dpi: int = 120) -> None:
     pyplot().close(fig)
 
 
-def pareto_plot(rows: list[dict], path, title: str, lines: tuple[str, ...] = ()) -> None:
-    """PSNR against latency relative to full, one curve per family; families in `lines` drawn as a frontier."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def style(family: str, frontier: bool = False) -> dict:
+    """The matplotlib keywords of a family's curve: its role's `STYLES`, labelled (attnreuse's own families say so
+    in the legend); a `frontier` one drawn thicker."""
+    role = family_role(family)
+    label = f"{family} (attnreuse)" if role == "attnreuse" else family
+    return dict(STYLES[role], label=label, **({"linewidth": 2.5} if frontier else {}))
+
+
+def curves(rows: list[dict], lines: tuple[str, ...] = ()) -> list[tuple[str, list[dict], dict]]:
+    """(family, its rows by latency, its `style`) of every family the Pareto plot draws: all but the reference's
+    and the rows that did not run; families in `lines` drawn as a frontier."""
     families = {}
     for r in rows:
-        if "error" not in r and r["family"] != "full":
+        if "error" not in r and family_role(r["family"]) != "reference":
             families.setdefault(r["family"], []).append(r)
-    for name, members in families.items():
-        members = sorted(members, key=lambda r: r["latency_ratio"])
-        style = "o-" if name in lines or len(members) > 1 else "o"
-        ax.plot([r["latency_ratio"] for r in members], [r["psnr_db"] for r in members], style, label=name,
-                linewidth=2.5 if name in lines else 1)
+    return [(name, sorted(members, key=lambda r: r["latency_ratio"]), style(name, name in lines))
+            for name, members in families.items()]
+
+
+def pareto_plot(rows: list[dict], path, title: str, lines: tuple[str, ...] = ()) -> None:
+    """PSNR against latency relative to full, one curve per family, styled by its role (`STYLES`); families in
+    `lines` drawn as a frontier."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, members, kwargs in curves(rows, lines):
+        ax.plot([r["latency_ratio"] for r in members], [r["psnr_db"] for r in members], **kwargs)
         for r in members:
             label = Path(r["method"]).stem if r["method"].endswith(".json") else r["method"].split(":")[-1]
             ax.annotate(label, (r["latency_ratio"], r["psnr_db"]), fontsize=7, xytext=(3, 3),

@@ -1,15 +1,17 @@
 """An evaluation's report: `eval.json` (every figure, the settings, the environment), `eval.md` (the table and the
-matched-latency pairs), `pareto.png` and the labelled `grid.png`."""
+matched-latency pairs), `pareto.png` and the labelled `grid.png`. `replot` redraws the Pareto plot of a stored
+`eval.json` with the families and styles the method registry gives now, without running anything."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import atomic_write, write_json
+from ..files import atomic_write, read_json, write_json
+from .methods import REGISTRY, family
 from .plots import method_grid, pareto_plot
 from .runner import MATCH_TOLERANCE, environment
 
-__all__ = ["write_report", "EXTRA_COLUMNS"]
+__all__ = ["write_report", "replot", "EXTRA_COLUMNS"]
 
 EXTRA_COLUMNS = {"clip_score": "CLIP score", "lpips": "LPIPS", "fid": "FID"}  # opt-in, see metrics.load_extra_metrics
 
@@ -63,8 +65,32 @@ def write_report(result: dict, out, settings: dict, pipe, prompts: list[str], co
     lines += _matched(result["matched"])
     text = "\n".join(lines) + "\n"
     atomic_write(out / "eval.md", lambda tmp: tmp.write_text(text))
-    pareto_plot(result["rows"], out / "pareto.png",
-                f"{settings['sampler']} {settings['num_steps']} steps: fidelity against latency", lines=("plan",))
+    _pareto(result["rows"], settings, out / "pareto.png")
     labels = method_grid(result, out / "grid.png", columns)
     atomic_write(out / "grid.txt", lambda tmp: tmp.write_text("rows, top to bottom: " + ", ".join(labels) + "\n"))
     return report
+
+
+def _pareto(rows: list[dict], settings: dict, path) -> None:
+    """The Pareto plot of a report's rows, the planner's family (`plan:B`) drawn as the frontier."""
+    pareto_plot(rows, path, f"{settings['sampler']} {settings['num_steps']} steps: fidelity against latency",
+                lines=(REGISTRY["plan"].family,))
+
+
+def replot(json_path, path=None, refresh: bool = False) -> Path:
+    """Redraw the Pareto plot of a stored report (`eval.json`, or a copy such as docs/results/dit/eval_ddim20.json)
+    without running anything: each row's family is read afresh from the method registry (`eval.methods.family`),
+    so a report written while a method's family was wrong is drawn as it is now. `path`: the PNG, by default beside
+    the JSON (`eval.json` -> `pareto.png`, `eval_X.json` -> `pareto_X.png`, `X.json` -> `pareto_X.png`);
+    `refresh`: also write the fresh families into the JSON. Returns the PNG's path."""
+    json_path = Path(json_path)
+    report = read_json(json_path, "report")
+    rows = [dict(row, family=family(row["method"])) for row in report["rows"]]
+    if refresh and rows != report["rows"]:
+        write_json(json_path, dict(report, rows=rows))
+    if path is None:
+        stem = json_path.stem
+        name = "pareto" if stem == "eval" else "pareto_" + stem.removeprefix("eval_")
+        path = json_path.with_name(name + ".png")
+    _pareto(rows, report["settings"], path)
+    return Path(path)

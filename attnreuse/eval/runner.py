@@ -10,25 +10,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.metrics import mean_psnr
+from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name, timed
-from ..reuse import denoiser
-from .methods import family, method
+from ..search.utility import mean_psnr
+from .methods import family, family_role, method
 from .metrics import extra_scores, image_metrics
 
-__all__ = ["PRESETS", "MATCH_TOLERANCE", "matched_latency", "run_methods", "summarize", "compare_methods",
+__all__ = ["MATCH_TOLERANCE", "matched_latency", "run_methods", "summarize", "compare_methods",
            "merge_runs", "environment"]
 
-_PEERS = ("deepcache:2,deepcache:3,deepcache:5,tgate:10,tome:0.5,pab:2,fbc:0.05,taylorseer:5,fastercache,"
-          "magcache:0.06")
-PRESETS = {  # --methods shorthands; the paper's ranges: r 4..12 of 20, K 10..18 steps
-    "quick": "full,steps:10,steps:13,steps:16,hurry:6,hurry:10,deepcache:3,tgate:10,tome:0.5,pab:2,taylorseer:5",
-    "paper": ",".join(["full"] + [f"steps:{k}" for k in range(10, 19, 2)] + [f"hurry:{r}" for r in range(4, 13, 2)]
-                     + ["deepcache:2", "deepcache:3", "deepcache:5", "tgate:10", "tome:0.5", "pab:2", "taylorseer:5"]),
-    "frontier": ",".join(["full", "steps:5", "steps:7", "steps:10", "steps:14", "steps:17", _PEERS, "hurry:10",
-                          "phast:10", "plan:0.35", "plan:0.5", "plan:0.7", "plan:0.85"]),
-}
 MATCH_TOLERANCE = 0.05  # latency ratios closer than this count as matched; farther pairs are reported as such
 
 
@@ -71,10 +62,10 @@ def _timed_run(run, setup: GenerationSetup):
 def matched_latency(rows: list[dict]) -> list[dict]:
     """For each method that is neither `full` nor step reduction, the step-reduced baseline whose measured latency
     is nearest, and the PSNR difference at that point (the paper's comparison: 20 steps with 10 reuse vs 13)."""
-    baselines = [r for r in rows if r["family"] == "steps" and "latency_ratio" in r]
+    baselines = [r for r in rows if family_role(r["family"]) == "baseline" and "latency_ratio" in r]
     pairs = []
     for row in rows:
-        if row["family"] in ("full", "steps") or "latency_ratio" not in row or not baselines:
+        if family_role(row["family"]) in ("reference", "baseline") or "latency_ratio" not in row or not baselines:
             continue
         base = min(baselines, key=lambda b: abs(b["latency_ratio"] - row["latency_ratio"]))
         pairs.append({"method": row["method"], "latency_ratio": row["latency_ratio"], "baseline": base["method"],
@@ -112,20 +103,18 @@ def run_methods(setup: GenerationSetup, methods: list[str], repeats: int = 2, pr
     return runs, errors
 
 
-def _row(spec: str, run: dict, reference, full_latency: float, prompts, extra_metrics, faithful: bool) -> dict:
-    from ..default_model.faithfulness import pass_rates
-
+def _row(spec: str, run: dict, reference, full_latency: float, prompts, extra_metrics, faithfulness) -> dict:
     images, latency = run["images"], median(run["times"])
     row = dict(method=spec, family=family(spec), latency_s=latency, latency_ratio=latency / full_latency,
                times_s=run["times"], peak_memory_mib=run["memory"] / 2**20, psnr_db=mean_psnr(images, reference),
                ssim=float(np.mean(image_metrics(images, reference)["ssim"])),
                **extra_scores(extra_metrics or {}, images, reference, prompts), **run.get("info", {}))
-    if faithful:
-        row["faithfulness"] = pass_rates(images, prompts)["pass_rate"]
+    if faithfulness is not None:
+        row["faithfulness"] = faithfulness(images, prompts)
     return row
 
 
-def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: bool = False,
+def summarize(runs: dict, errors: dict, prompts: list[str], faithfulness=None,
               extra_metrics: dict | None = None) -> dict:
     """Rows of figures per method against `full` (latency ratio, peak memory, PSNR, SSIM, faithfulness, the
     `load_extra_metrics` ones, the schedule a reuse method ran) and the matched-latency pairs."""
@@ -133,20 +122,20 @@ def summarize(runs: dict, errors: dict, prompts: list[str], check_faithfulness: 
         raise RuntimeError(f"The reference (full) run failed: {errors['full']}")
     reference, full_latency = runs["full"]["images"], median(runs["full"]["times"])
     rows = [dict(method=spec, family=family(spec), error=errors[spec]) if spec in errors else
-            _row(spec, runs[spec], reference, full_latency, prompts, extra_metrics, check_faithfulness)
+            _row(spec, runs[spec], reference, full_latency, prompts, extra_metrics, faithfulness)
             for spec in runs]
     return {"rows": rows, "matched": matched_latency(rows), "images": {s: runs[s].get("images") for s in runs}}
 
 
-def compare_methods(setup: GenerationSetup, methods: list[str], repeats: int = 2, check_faithfulness: bool = False,
+def compare_methods(setup: GenerationSetup, methods: list[str], repeats: int = 2, faithfulness=None,
                     progress: bool = True, calibration: list[str] | None = None,
                     extra_metrics: dict | None = None) -> dict:
     """Run `methods` (see `eval.methods.method`) on the same prompts and seeds and measure each against `full`
     (N steps, no reuse): latency per image (median of the timed rounds), peak memory, PSNR and SSIM against the
-    reference images, the faithfulness checker's pass rate on the default model's captions, and the extra metrics
-    of `eval.metrics.load_extra_metrics`."""
+    reference images, `faithfulness(images, prompts)` where given (the default model's checker: a pass rate), and
+    the extra metrics of `eval.metrics.load_extra_metrics`."""
     runs, errors = run_methods(setup, methods, repeats, progress, calibration)
-    return summarize(runs, errors, setup.prompts, check_faithfulness, extra_metrics)
+    return summarize(runs, errors, setup.prompts, faithfulness, extra_metrics)
 
 
 def merge_runs(shards: list[tuple[dict, dict]]) -> tuple[dict, dict]:

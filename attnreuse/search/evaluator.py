@@ -5,7 +5,8 @@ prompts and seeds (Hunter, Dudziak et al. 2024, sec. 3.1). Two candidates whose 
 their first k calls produce the same latents, scheduler state and cache up to call k, so `Evaluator` runs the
 candidates in sorted order and resumes each one from the deepest state it shares with the candidate before it (a
 depth-first walk of the trie of plans): a PHAST sweep costs a fraction of its (N - r) * r full generations, and the
-result is bit for bit what a full run gives.
+result is bit for bit what a full run gives. A search's state file (`write_state`, `read_state`: its
+setup's key and what it has found) lets an interrupted search resume.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.metrics import mean_psnr
 from ..files import read_json, write_json
+from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup, Sampling
-from ..plan import Plan, plan_or_schedule
-from ..reuse import apply_reuse, denoiser
-from ..schedule import Schedule
+from ..plan import Plan, Schedule, as_plan
+from ..reuse import apply_reuse
+from .utility import mean_psnr
 
-__all__ = ["Evaluator", "model_name", "setup_key", "candidate_key"]
+__all__ = ["Evaluator", "model_name", "setup_key", "candidate_key", "read_state", "write_state"]
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -51,10 +52,25 @@ def setup_key(setup: GenerationSetup) -> dict:
 
 def candidate_key(candidate) -> str:
     """How a candidate is known in a search's state: a schedule by its bits, a plan by its units as JSON."""
-    value = plan_or_schedule(candidate)
+    value = as_plan(candidate)
     if isinstance(value, Schedule):
         return str(value)
     return json.dumps({name: unit.to_dict() for name, unit in value.units.items()}, sort_keys=True)
+
+
+def read_state(path: Path, what: str, field: str) -> dict:
+    """A search's state file (`write_state`'s), read back to resume: a JSON object whose `field` is an object."""
+    saved = read_json(path, what)
+    if not isinstance(saved, dict) or not isinstance(saved.get(field), dict):
+        raise ValueError(f"{path} is not a {what} (no '{field}' object); use another --state file or delete {path} "
+                         "to start over.")
+    return saved
+
+
+def write_state(path: Path | None, setup: dict, **fields) -> None:
+    """A search's state, written (atomically) as it goes where `path` is given: its setup's key and `fields`."""
+    if path is not None:
+        write_json(path, {"setup": setup, **fields})
 
 
 class Evaluator:
@@ -87,10 +103,8 @@ class Evaluator:
         return setup_key(self.setup)
 
     def _resume(self) -> None:
-        saved = read_json(self.state_file, "search state file")
+        saved = read_state(self.state_file, "search state file", "utilities")
         start_over = f"use another --state file or delete {self.state_file} to start over"
-        if not isinstance(saved, dict) or not isinstance(saved.get("utilities"), dict):
-            raise ValueError(f"{self.state_file} is not a search state file (no 'utilities' object); {start_over}.")
         if saved.get("setup") != self.key:
             raise ValueError(f"{self.state_file} was written for another search setup: {saved.get('setup')}; "
                              f"{start_over}.")
@@ -136,7 +150,8 @@ class Evaluator:
 
     def __call__(self, candidates) -> list[float]:
         """Utilities of schedules or plans (known ones are not run again), running the new ones in sorted order."""
-        values = [plan_or_schedule(c) for c in candidates]
+
+        values = [as_plan(c) for c in candidates]
         for value in values:
             if len(value) != self.setup.num_steps:
                 raise ValueError(f"{value!r} has {len(value)} entries; this search runs {self.setup.num_steps} steps.")
@@ -150,13 +165,12 @@ class Evaluator:
 
     def trajectory(self, candidate) -> list[torch.Tensor]:
         """The latents after each call of a schedule or plan (shared prefixes are not run again)."""
-        self._run(plan_or_schedule(candidate))
+        self._run(as_plan(candidate))
         return [state[0] for _, state in self._path[1]]
 
     def _save(self) -> None:
-        if self.state_file is not None:
-            write_json(self.state_file, {"setup": self.key, "utilities": self.utilities, "calls": self.calls,
-                                         "naive_calls": self.naive_calls})
+        write_state(self.state_file, self.key, utilities=self.utilities, calls=self.calls,
+                    naive_calls=self.naive_calls)
 
     def describe(self, schedule: Schedule, **meta) -> Schedule:
         """The schedule with its timesteps and the search's metadata, as `Schedule.to_json` writes it."""

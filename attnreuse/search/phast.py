@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schedule import Schedule
+from ..plan import Schedule
 
 __all__ = ["bit_flips", "phast", "exhaustive", "named_schedules", "EXHAUSTIVE_MAX_STEPS"]
 

@@ -1,5 +1,6 @@
-"""Searched schedules as files: `search_schedule` (what `attnreuse search` writes) and a cache of PHAST results
-keyed by their setup (what `attnreuse eval`'s `phast:R` reads)."""
+"""Searches as files: `search_schedule` (what `attnreuse search` writes), the plans shipped with the default model,
+and a cache of searches keyed by their setup: PHAST schedules (what `attnreuse eval`'s `phast:R` reads) and plans
+(what `plan:B` reads). A search in progress resumes from its own state file (`evaluator.read_state`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ import os
 import re
 from pathlib import Path
 
-from ..pipelines.sampling import GenerationSetup
-from ..schedule import Schedule
-from .evaluator import Evaluator, setup_key
-from .phast import exhaustive, phast
+import torch
 
-__all__ = ["search_schedule", "cache_path", "cached_phast"]
+from ..files import read_json
+from ..pipelines.sampling import GenerationSetup
+from ..plan import Schedule
+from .evaluator import Evaluator, setup_key
+from .latency import LatencyModel
+from .phast import exhaustive, phast
+from .planner import search_plan
+
+__all__ = ["search_schedule", "cache_path", "cached_phast", "cached_plan", "shipped_plan", "SHIPPED"]
+
+SHIPPED = Path(__file__).resolve().parents[1] / "default_model" / "plans"  # searched for the default model
 
 
 def search_schedule(setup: GenerationSetup | Evaluator, reuse_steps: int, epsilon: float = 0.0,
@@ -46,11 +54,46 @@ def cache_path(kind: str, setup: GenerationSetup, label: str, **extra) -> Path:
     return folder / f"{slug}-{key['sampler']}-n{setup.num_steps}-{label}-c{len(setup.prompts)}-{digest}.json"
 
 
+def _kept(path: Path, search, **json_options) -> Path:
+    """`path`, written by `search()` (a schedule or plan) on the first call and read back on later ones: a search
+    costs minutes, an evaluation that names it should not pay them every time."""
+    if not path.exists():
+        search().to_json(path, **json_options)
+    return path
+
+
 def cached_phast(setup: GenerationSetup, reuse_steps: int, progress: bool = False) -> Path:
     """The schedule JSON of PHAST for this model, sampler, N, r, guidance and calibration set, searched on the first
-    call and read back on later ones: a search costs minutes, an evaluation that names `phast:R` should not pay it
-    every time."""
+    call and read back on later ones."""
     path = cache_path("schedules", setup, f"r{reuse_steps}-g{setup.guidance:g}", reuse_steps=reuse_steps)
+    return _kept(path, lambda: search_schedule(setup, reuse_steps, progress=progress, cache_key=path.stem), indent=1)
+
+
+def shipped_plan(sampler: str, budget: float, num_steps: int = 20) -> Path:
+    """The shipped plan of the default model for a sampler ("ddim" or "dpm++"), budget and step count."""
+    path = SHIPPED / f"{sampler.replace('+', 'p')}{num_steps}-{budget:g}.json"
     if not path.exists():
-        search_schedule(setup, reuse_steps, progress=progress, cache_key=path.stem).to_json(path, indent=1)
+        available = sorted(p.stem for p in SHIPPED.glob("*.json"))
+        raise FileNotFoundError(f"no shipped plan {path.name}; the default model ships {available}.")
     return path
+
+
+def _matching_shipped(fields: dict, device_type: str) -> Path | None:
+    """A shipped plan searched for exactly this setup on a device of this type."""
+    for path in sorted(SHIPPED.glob("*.json")):
+        meta = read_json(path, "shipped plan").get("meta", {})
+        if all(meta.get(k) == v for k, v in fields.items()) and meta.get("device_type") == device_type:
+            return path
+    return None
+
+
+def cached_plan(setup: GenerationSetup, budget: float, progress: bool = False,
+                latency: LatencyModel | None = None) -> Path:
+    """The plan for this setup and budget: a shipped one searched for it on this type of device, else one searched
+    here on the first call and read back on later ones."""
+    device_type = torch.device(setup.device).type
+    shipped = _matching_shipped({**setup_key(setup), "budget": budget}, device_type)
+    if shipped is not None:
+        return shipped
+    path = cache_path("plans", setup, f"b{budget:g}", budget=budget, device_type=device_type)
+    return _kept(path, lambda: search_plan(setup, budget, progress=progress, latency=latency))

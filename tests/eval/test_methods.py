@@ -7,7 +7,7 @@ import pytest
 from attnreuse.default_model import load_default_pipeline
 from attnreuse.eval.methods import PeerUnavailable, method
 from attnreuse.pipelines.sampling import GenerationSetup
-from attnreuse.schedule import Schedule
+from attnreuse.plan import Schedule
 
 
 def _ONE(pipe, steps=4, guidance=4.5):

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name, timed
 from ..plan import Plan, Unit
-from ..reuse import apply_reuse, denoiser
+from ..reuse import apply_reuse
 from .levels import Levels
 
 __all__ = ["LatencyModel", "profile", "measure_latency", "kind_plan", "first_call", "ATTENTION_ACTIONS"]

@@ -5,7 +5,8 @@ latency (`latency.LatencyModel`) staying within the budget. Start from the best 
 (`space.seeds`: DeepCache, step-reduction-like refreshes, HURRY and PAB-like attention reuse) and of a dynamic
 program over refresh calls (as DPCache, Wang et al. 2026: a cost table of reusing from each call to each later
 one, conditioned on the last refresh; for the two cheapest levels), then hill-climb with moves that keep within the
-budget, scored in batches by the prefix-shared `search.Evaluator`. Resumable: the utilities and the profile are kept.
+budget, scored in batches by the prefix-shared `evaluator.Evaluator`. Resumable: the utilities and the profile
+are kept.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files import read_json, write_json
+from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
-from ..reuse import denoiser
-from ..search import Evaluator
-from ..search.evaluator import candidate_key
+from .evaluator import Evaluator, candidate_key, read_state, write_state
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
 from .space import Candidate, neighbours, seeds
@@ -107,15 +106,10 @@ class PlanSearch:
     def _load(self) -> dict | None:
         if self.state_file is None or not self.state_file.exists():
             return None
-        saved = read_json(self.state_file, "plan search state file")
-        if not isinstance(saved, dict) or "latency" not in saved:
-            raise ValueError(f"{self.state_file} is not a plan search state; delete it to start over.")
-        return saved
+        return read_state(self.state_file, "plan search state file", "latency")
 
     def _save(self) -> None:
-        if self.state_file is not None:
-            write_json(self.state_file, {"setup": self.key, "latency": self.latency.to_dict(),
-                                         "history": self.history})
+        write_state(self.state_file, self.key, latency=self.latency.to_dict(), history=self.history)
 
     def score(self, candidates: list[Candidate]) -> list[float]:
         plans = [c.plan() for c in candidates]

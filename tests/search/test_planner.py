@@ -8,11 +8,10 @@ import pytest
 from attnreuse import apply_reuse
 from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.pipelines.tiny import build_pipeline
-from attnreuse.planner import Candidate, LatencyModel, search_plan
-from attnreuse.planner.latency import kind_plan, profile
-from attnreuse.planner.levels import Levels
-from attnreuse.planner.search import refresh_program
-from attnreuse.planner.space import fit, neighbours, seeds
+from attnreuse.search import Candidate, LatencyModel, Levels, search_plan
+from attnreuse.search.latency import kind_plan, profile
+from attnreuse.search.planner import refresh_program
+from attnreuse.search.space import fit, neighbours, seeds
 from attnreuse.state import REUSE, STORE
 
 TOP = 5  # tiny-sd: 4 up layers, so levels 0 (compute), 1-4 (the branch), 5 (the whole call)
@@ -143,8 +142,8 @@ def test_shipped_plans_are_found_for_the_setup_they_were_searched_for():
     from attnreuse.default_model import DEFAULT_GUIDANCE, load_default_pipeline
     from attnreuse.default_model.splits import CALIBRATION, captions
     from attnreuse.pipelines.sampling import use_sampler
-    from attnreuse.planner import cached_plan, shipped_plan
-    from attnreuse.planner.store import SHIPPED
+    from attnreuse.search import cached_plan, shipped_plan
+    from attnreuse.search.store import SHIPPED
 
     pipe = load_default_pipeline()
     for path in SHIPPED.glob("*.json"):
