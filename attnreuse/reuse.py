@@ -64,9 +64,14 @@ def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) 
     plan, layout = bind(model, config)
     layers = list(layout.attention)
 
+    resolutions = {}  # per fitted plan: every generation of one length reads the same action tuples
+
     def resolved(p: Plan) -> tuple[list, list]:
-        actions = resolve(p, layout, layers)
-        return actions, slot_drops(actions, layers, layout.modules)
+        key = tuple(p.units.items())
+        if key not in resolutions:
+            actions = resolve(p, layout, layers)
+            resolutions[key] = actions, slot_drops(actions, layers, layout.modules)
+        return resolutions[key]
 
     resolved(plan)  # a plan that cannot run on this model is refused here, before any sampling
     handle = AttentionReuseHandle(model, config, plan, layout, StepTracker(plan, resolved, get_scheduler),
