@@ -17,14 +17,19 @@ __all__ = ["register", "run_plan"]
 def register(sub) -> None:
     plan = add_model_options(sub.add_parser(
         "plan", help="search a reuse plan (every unit, every call) for a latency budget",
-        description="Profile the device, then search the plan of best calibration PSNR whose predicted latency is "
-                    "within --budget of the full sampler: seeds (DeepCache, step-reduction-like, HURRY, PAB-like), "
-                    "a dynamic program over refresh calls, and a budgeted hill-climb. Prints the predicted and the "
-                    "measured latency; resumable through --state."))
+        description="Search the plan of best calibration PSNR whose predicted latency is within --budget of the "
+                    "full sampler. --effort quick (the default): one recorded run of the full sampler, a table of "
+                    "what reusing each call's output costs the final image (from the scheduler's own response), a "
+                    "dynamic program over refresh calls and a few verified candidates, about 3 runs of the "
+                    "calibration set in all. --effort full: profile every kind of call, then seeds (DeepCache, "
+                    "step-reduction-like, HURRY, PAB-like), dynamic programs and a budgeted hill-climb (hundreds of "
+                    "runs; resumable through --state). Prints the predicted and the measured latency."))
     plan.add_argument("--budget", type=float, required=True, help="latency as a ratio to the full sampler, e.g. 0.5")
+    plan.add_argument("--effort", choices=("quick", "full"), default="quick",
+                      help="quick: the quick planner (default); full: the profile and the hill-climb")
     plan.add_argument("--calibration", type=int, default=8, help="calibration prompts (one seed each)")
-    plan.add_argument("--time-limit", type=float, default=840, help="seconds of hill-climbing at most")
-    plan.add_argument("--sweeps", type=int, default=30, help="hill-climbing sweeps at most")
+    plan.add_argument("--time-limit", type=float, default=840, help="seconds of hill-climbing at most (full)")
+    plan.add_argument("--sweeps", type=int, default=30, help="hill-climbing sweeps at most (full)")
     plan.add_argument("--profile", help="a latency profile to reuse: a plan JSON searched on this device and batch")
     plan.add_argument("--no-measure", action="store_true", help="skip measuring the plan's latency at the end")
     plan.add_argument("--out", default="runs/plan/plan.json")
@@ -57,7 +62,7 @@ def check_plan(args):
 
 def run_plan(args) -> int:
     """Search on one process, or spread the scoring over those `accelerate launch` or torchrun started."""
-    from ..search import search_plan
+    from ..search import quick_plan, search_plan
     from ..search.planner import Shards
 
     latency = check_plan(args)
@@ -68,6 +73,13 @@ def run_plan(args) -> int:
         raise UsageError(f"--profile was measured at batch {latency.batch}; this search runs batch "
                          f"{2 * len(setup.prompts)} (twice --calibration).")
     out = Path(args.out)
+    if args.effort == "quick":
+        plan = quick_plan(setup, args.budget, progress=True, measure=not args.no_measure, latency=latency)
+        if not shards.main:  # every process plans alike; one writes
+            return 0
+        plan.to_json(out)
+        _print_quick(plan, args, len(setup.prompts), out)
+        return 0
     state = Path(args.state) if args.state else out.with_suffix(".state.json")
     plan = search_plan(setup, args.budget, state, progress=True, time_limit=args.time_limit, sweeps=args.sweeps,
                        measure=not args.no_measure, latency=latency, shards=shards)
@@ -75,11 +87,24 @@ def run_plan(args) -> int:
         return 0
     plan.to_json(out)
     m = plan.meta
-    measured = f", measured {m['measured']['ratio']:.3f}x" if "measured" in m else ""
     print(f"plan for a budget of {args.budget:g} ({args.sampler}, {args.steps} steps, {len(setup.prompts)} "
           f"calibration prompts): PSNR {m['psnr_db']:.2f} dB against the full sampler (best seed "
           f"{m['best_seed_psnr_db']:.2f}, dynamic program {m['best_dp_psnr_db']:.2f}, hill-climb "
-          f"{m['climb_gain_db']:+.2f} dB); latency predicted {m['predicted_latency']:.3f}x{measured} on "
+          f"{m['climb_gain_db']:+.2f} dB); latency predicted {m['predicted_latency']:.3f}x{_measured(m)} on "
           f"{m['latency_model']['device']}; {m['candidates']} candidates in {m['search_s']:.0f} s -> {out}")
     print(f"  {plan}")
     return 0
+
+
+def _measured(meta: dict) -> str:
+    return f", measured {meta['measured']['ratio']:.3f}x" if "measured" in meta else ""
+
+
+def _print_quick(plan, args, count: int, out: Path) -> None:
+    m = plan.meta
+    print(f"plan for a budget of {args.budget:g} ({args.sampler}, {args.steps} steps, {count} calibration prompts, "
+          f"quick planner): PSNR {m['psnr_db']:.2f} dB against the full sampler; latency predicted "
+          f"{m['predicted_latency']:.3f}x{_measured(m)} on {m['latency_model']['device']}; cost "
+          f"{m['denoiser_calls']} denoiser calls ({m['full_runs']:.1f} runs of the calibration set), "
+          f"{m['search_s']:.0f} s -> {out}")
+    print(f"  {plan}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup, Sampling
 from ..plan import Plan, Schedule, as_plan
 from ..reuse import apply_reuse
+from ..wrappers import sample_of
 from .utility import mean_psnr
 
-__all__ = ["Evaluator", "model_name", "setup_key", "candidate_key", "read_state", "write_state"]
+__all__ = ["Recording", "Evaluator", "model_name", "setup_key", "candidate_key", "read_state", "write_state"]
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -73,6 +75,35 @@ def write_state(path: Path | None, setup: dict, **fields) -> None:
         write_json(path, {"setup": setup, **fields})
 
 
+class Recording:
+    """The raw output and the wall time of each denoiser call made inside the block (the reference run), and the
+    time spent outside the calls (`outside_s`: encoding and decoding, set by the evaluator)."""
+
+    def __init__(self, model):
+        self.model, self.inputs, self.outputs, self.seconds, self.outside_s = model, [], [], [], 0.0
+        self.states: list = []  # (latents, scheduler) after each call, set by the evaluator
+
+    def __enter__(self):
+        clock = []
+        self.started = time.perf_counter()
+
+        def before(module, args, kwargs):
+            self.inputs.append(args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")))
+            clock.append(time.perf_counter())
+
+        self._hooks = [self.model.register_forward_pre_hook(before, with_kwargs=True),
+                       self.model.register_forward_hook(lambda m, a, out: self._keep(out, clock[-1]))]
+        return self
+
+    def _keep(self, output, started: float) -> None:
+        self.outputs.append(sample_of(output).detach().clone())
+        self.seconds.append(time.perf_counter() - started)
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+
 class Evaluator:
     """Mean PSNR of reuse schedules on a calibration set, against the no-reuse images (computed once).
 
@@ -93,9 +124,16 @@ class Evaluator:
         self.state_file = Path(state_file) if state_file else None
         if self.state_file and self.state_file.exists():
             self._resume()
+        started = time.perf_counter()
         self._prepare()
         self._path: tuple = ()  # the actors' signature, and (actions, state after them) along the last run
-        self.references = self._final_images(self._run(Schedule.all_compute(setup.num_steps), count=False))
+        self.reference = Recording(self.sampling.model)  # what the quick planner replays
+        with self.reference:
+            latents = self._run(Schedule.all_compute(setup.num_steps), count=False)
+        self.reference.states = [(state[0], state[1]) for _, state in self._path[1]]
+        decode_started = time.perf_counter()
+        self.references = self._final_images(latents)
+        self.reference.outside_s = time.perf_counter() - decode_started + (self.reference.started - started)
 
     @property
     def key(self) -> dict:

@@ -9,13 +9,18 @@ A plan's latency is then the fixed cost plus the cost of each of its calls, as a
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..files import read_json, write_json
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name, timed
@@ -23,7 +28,8 @@ from ..plan import Plan, Unit
 from ..reuse import apply_reuse
 from .levels import Levels
 
-__all__ = ["LatencyModel", "profile", "measure_latency", "kind_plan", "first_call", "ATTENTION_ACTIONS"]
+__all__ = ["LatencyModel", "profile", "cache_root", "cached_profile", "measure_latency", "kind_plan", "first_call",
+           "ATTENTION_ACTIONS"]
 
 ATTENTION_ACTIONS = ("compute", "store", "reuse")
 
@@ -123,10 +129,10 @@ def first_call(setup: GenerationSetup):
 
 
 def profile(setup: GenerationSetup, structure: Levels, mode: str = "output", repeats: int = 7,
-            progress: bool = False, kinds=None) -> LatencyModel:
+            progress: bool = False, kinds=None, fixed: bool = True) -> LatencyModel:
     """Time every kind of call of `structure`'s levels (or only `kinds`, pairs of level and attention action) on
     the setup's device and batch, each paired with plain calls run just before it, and the fixed cost of a
-    generation outside the denoiser."""
+    generation outside the denoiser (unless `fixed` is False: the caller measures it)."""
     levels = structure.top + 1
     with torch.no_grad():
         model, call, sample = first_call(setup)
@@ -145,7 +151,7 @@ def profile(setup: GenerationSetup, structure: Levels, mode: str = "output", rep
         plain.append(plain_ms)
     latency.costs[0].setdefault("compute", 1.0)
     latency.plain_ms = statistics.median(plain) if plain else 0.0
-    latency.fixed = _fixed_cost(setup)
+    latency.fixed = _fixed_cost(setup) if fixed else 0.0
     return latency
 
 
@@ -183,3 +189,31 @@ def measure_latency(setup: GenerationSetup, plan: Plan, rounds: int = 5) -> dict
     full, planned = statistics.median(times["full"]), statistics.median(times["plan"])
     return {"ratio": planned / full, "full_s": full, "plan_s": planned, "rounds": rounds,
             "device": device_name(setup.device), "batch": len(setup.prompts), "times_s": times}
+
+
+def cache_root() -> Path:
+    """Where searches and profiles are kept: `$ATTNREUSE_CACHE`, default ~/.cache/attnreuse."""
+    return Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse")
+
+
+def cached_profile(setup: GenerationSetup, structure: Levels, kinds, repeats: int) -> tuple[LatencyModel, bool]:
+    """`profile(setup, structure, kinds=kinds, fixed=False)`, kept per model, device, dtype, batch and resolution
+    (what a call's relative cost depends on), so a second budget or sampler does not time it again; and whether it
+    was read from the cache. An entry that cannot be read is timed anew and written over."""
+    model = denoiser(setup.pipe)
+    parameter = next(model.parameters())
+    key = {"model": type(model).__name__, "config": {k: str(v) for k, v in model.config.items()},
+           "device": device_name(setup.device), "dtype": str(parameter.dtype), "batch": len(setup.prompts),
+           "kinds": sorted(map(list, kinds)), "mode": "output"}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_root() / "profiles" / f"{type(model).__name__}-{digest}.json"
+    if path.exists():
+        try:
+            saved = read_json(path, "profile")
+            if saved.get("key") == key:
+                return LatencyModel.from_dict(saved["latency"]), True
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: timed anew below
+    latency = profile(setup, structure, kinds=kinds, repeats=repeats, fixed=False)
+    write_json(path, {"key": key, "latency": latency.to_dict()})
+    return latency, False

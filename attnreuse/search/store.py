@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from ..files import read_json
 from ..pipelines.sampling import GenerationSetup
 from ..plan import Schedule
 from .evaluator import Evaluator, setup_key
-from .latency import LatencyModel
+from .latency import LatencyModel, cache_root
 from .phast import exhaustive, phast
 from .planner import search_plan
+from .quick import quick_plan
 
 __all__ = ["search_schedule", "cache_path", "cached_phast", "cached_plan", "shipped_plan", "SHIPPED"]
 
@@ -50,7 +50,7 @@ def cache_path(kind: str, setup: GenerationSetup, label: str, **extra) -> Path:
     key, config = setup_key(setup), {k: v for k, v in setup.pipe.scheduler.config.items() if not k.startswith("_")}
     digest = hashlib.sha1(json.dumps([key, config, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
     slug = re.sub(r"[^\w.-]+", "_", Path(key["model"]).name or key["model"])
-    folder = Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse") / kind
+    folder = cache_root() / kind
     return folder / f"{slug}-{key['sampler']}-n{setup.num_steps}-{label}-c{len(setup.prompts)}-{digest}.json"
 
 
@@ -87,13 +87,18 @@ def _matching_shipped(fields: dict, device_type: str) -> Path | None:
     return None
 
 
+PLANNERS = {"quick": (quick_plan, {"effort": "quick"}), "full": (search_plan, {})}  # planner, its cache key's part
+
+
 def cached_plan(setup: GenerationSetup, budget: float, progress: bool = False,
-                latency: LatencyModel | None = None) -> Path:
+                latency: LatencyModel | None = None, effort: str = "quick") -> Path:
     """The plan for this setup and budget: a shipped one searched for it on this type of device, else one searched
-    here on the first call and read back on later ones."""
+    here (`effort`: "quick", the quick planner, or "full", the climb) on the first call and read back on later
+    ones."""
     device_type = torch.device(setup.device).type
     shipped = _matching_shipped({**setup_key(setup), "budget": budget}, device_type)
     if shipped is not None:
         return shipped
-    path = cache_path("plans", setup, f"b{budget:g}", budget=budget, device_type=device_type)
-    return _kept(path, lambda: search_plan(setup, budget, progress=progress, latency=latency))
+    label = f"b{budget:g}" + ("" if effort == "full" else f"-{effort}")  # full searches keep their old files
+    path = cache_path("plans", setup, label, budget=budget, device_type=device_type, **PLANNERS[effort][1])
+    return _kept(path, lambda: PLANNERS[effort][0](setup, budget, progress=progress, latency=latency))

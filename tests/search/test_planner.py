@@ -122,8 +122,8 @@ def test_the_plan_command_spread_over_two_processes_finds_the_same_plan(tmp_path
 
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     args = ["-m", "attnreuse", "plan", "--model", "tiny-sd", "--prompts", str(tmp_path / "prompts.txt"),
-            "--calibration", "2", "--steps", "4", "--budget", "0.6", "--sweeps", "1", "--no-measure",
-            "--device", "cpu"]
+            "--calibration", "2", "--steps", "4", "--budget", "0.6", "--effort", "full", "--sweeps", "1",
+            "--no-measure", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], check=True, env=env,
                    capture_output=True)

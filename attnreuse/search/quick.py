@@ -1,0 +1,162 @@
+"""The quick planner: a plan for a latency budget from one recorded run of the full sampler.
+
+1. Record: the evaluator's reference run (the full sampler on the calibration prompts) keeps the denoiser's raw
+   output and wall time at every call (`evaluator.Recording`).
+2. Table: `errors[i][j]`, the final-latent error of reusing call i's output (or its residual) at calls i+1..j-1,
+   each found by replaying the sampler from the reference state after call i with the recorded outputs and the
+   kept one substituted. The scheduler itself weighs an output error by how far it moves the final latent (any
+   sampler, a multistep one's history included); only the scheduler runs, never the denoiser. (The unweighted
+   change of the output between calls ranks refreshes far worse: issue 25's probe.)
+3. Program: DPCache's dynamic program (`planner.refresh_program`, Wang et al. 2026) picks the refresh calls, as
+   many computed calls as the latency model allows within the budget.
+4. Verify: the programmed candidates (output and residual reuse, with that many refreshes and one fewer) run for
+   real, sharing prefixes; the best measured one is the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from ..layers import denoiser
+from ..pipelines.sampling import GenerationSetup
+from .evaluator import Evaluator
+from .latency import LatencyModel, cached_profile, measure_latency
+from .levels import Levels
+from .planner import refresh_program
+from .space import Candidate
+
+__all__ = ["quick_plan", "replay", "error_table", "refresh_count"]
+
+PROFILE_REPEATS = 3  # paired timings of a reused call: it costs little, so few are needed
+
+
+@torch.no_grad()
+def replay(evaluator: Evaluator, start: int, kept: int, until: int, residual: bool = False) -> torch.Tensor:
+    """The final latents when calls start+1 .. until-1 return call `kept`'s recorded output (or, with `residual`,
+    its output minus its input plus their own input) and every other call its recorded output; from the
+    reference state after call `start`."""
+    reference, sampling = evaluator.reference, evaluator.sampling
+    latents, scheduler = reference.states[start] if start >= 0 else sampling.start
+    scheduler = copy.deepcopy(scheduler)
+    for c in range(start + 1, len(reference.outputs)):
+        reused = start < c < until
+        output = reference.outputs[kept if reused else c]
+        base = reference.inputs[kept] if reused and residual else None
+        latents = sampling.step(_Replayed(output, base), scheduler, latents, evaluator.timesteps[c])
+    return latents
+
+
+class _Replayed:
+    """A denoiser call that returns a kept output, or (with the input `base` it was computed from) the kept
+    residual added to the input it is given, as a call unit's reuse does."""
+
+    def __init__(self, output, base=None):
+        self.output, self.base = output, base
+
+    def __call__(self, sample, *args, **kwargs):
+        return (self.output if self.base is None else self.output - self.base + sample,)
+
+
+def error_table(evaluator: Evaluator, residual: bool = False) -> list[list[float]]:
+    """errors[i][j]: mean squared error of the final latents when calls i+1..j-1 reuse call i (j = n: the end)."""
+    n = len(evaluator.reference.outputs)
+    final = evaluator.reference.states[n - 1][0]
+    errors = [[0.0] * (n + 1) for _ in range(n)]
+    for i in range(n - 1):
+        for j in range(i + 2, n + 1):
+            errors[i][j] = float(torch.mean((replay(evaluator, i, i, j, residual) - final).float() ** 2))
+    return errors
+
+
+def refresh_count(latency: LatencyModel, n: int, budget: float, top: int) -> int:
+    """The most computed calls (refreshes) whose plan, every other call reused whole, fits the budget."""
+    reused = latency.call_cost(top, "compute")
+    fits = [k for k in range(1, n + 1) if (latency.fixed + k + (n - k) * reused) / (latency.fixed + n) <= budget]
+    if not fits:
+        cheapest = (latency.fixed + 1 + (n - 1) * reused) / (latency.fixed + n)
+        raise ValueError(f"a budget of {budget:g} is below the cheapest plan's predicted latency ({cheapest:.3f}: "
+                         "one computed call, the rest reused).")
+    return max(fits)
+
+
+def quick_latency(setup: GenerationSetup, evaluator: Evaluator, structure: Levels) -> tuple[LatencyModel, bool]:
+    """The latency model the quick planner needs: a reused call timed against plain calls (cached per model,
+    device, dtype and batch), and the fixed cost from the reference run (its time outside the calls, in calls);
+    and whether the timing came from the cache."""
+    kinds = [(0, "compute"), (structure.top, "compute")]
+    latency, cached = cached_profile(setup, structure, kinds, PROFILE_REPEATS)
+    per_call = statistics.median(evaluator.reference.seconds)
+    latency.fixed = evaluator.reference.outside_s / per_call
+    latency.plain_ms = per_call * 1000
+    return latency, cached
+
+
+def quick_plan(setup: GenerationSetup, budget: float, progress: bool = True, measure: bool = True,
+               latency: LatencyModel | None = None):
+    """The quick planner (module docstring): the best verified of a few programmed plans whose predicted latency is
+    within `budget`; its cost (denoiser calls that ran, full runs of the calibration set, seconds) is in the plan's
+    meta (`measure`, the plan's measured latency at the end, is not part of it)."""
+    started = time.perf_counter()
+    model = denoiser(setup.pipe)
+    with _Computed(model) as computed:
+        evaluator = Evaluator(setup, progress=progress)
+        structure = Levels.of(model)
+        cached = latency is not None  # a profile given: nothing timed here
+        if latency is None:
+            latency, cached = quick_latency(setup, evaluator, structure)
+        n, top = setup.num_steps, structure.top
+        keys = refresh_count(latency, n, budget, top)
+        found = []
+        for mode in ["output"] + (["residual"] if _shaped_alike(evaluator) else []):
+            chosen = refresh_program(error_table(evaluator, residual=mode == "residual"), keys)
+            found.append(Candidate(tuple(0 if c in chosen else top for c in range(n)), (1,) * n, mode, structure))
+        plans = [_call_plan(c) for c in found]
+        utilities = evaluator(plans)
+    best = max(range(len(found)), key=lambda k: utilities[k])
+    plan = plans[best].at_timesteps(evaluator.timesteps.tolist())
+    meta = {**evaluator.key, "budget": budget, "device_type": torch.device(setup.device).type,
+            "strategy": "quick planner", "psnr_db": utilities[best],
+            "predicted_latency": found[best].cost(latency), "latency_model": latency.to_dict(),
+            "candidates": len(found), "candidate_psnr_db": utilities, "refreshes": keys, "profile_cached": cached,
+            "denoiser_calls": computed.calls, "full_runs": computed.calls / n,
+            "search_s": time.perf_counter() - started, "levels": list(found[best].levels), "mode": found[best].mode}
+    plan = type(plan)(plan.units, plan.timesteps, meta)
+    if measure:
+        plan.meta["measured"] = measure_latency(setup, plan)
+    return plan
+
+
+class _Computed:
+    """Counts the denoiser calls that run the model (a whole-call reuse runs none of its parts): a hook on the
+    model's first part, each call over the whole calibration batch."""
+
+    def __init__(self, model):
+        self.part, self.calls = next(model.children()), 0
+
+    def __enter__(self):
+        self._hook = self.part.register_forward_pre_hook(lambda *a: self._count())
+        return self
+
+    def _count(self) -> None:
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+
+
+def _shaped_alike(evaluator: Evaluator) -> bool:
+    """Whether the denoiser's output is shaped like its input (residual reuse needs it; PixArt's learned sigma
+    doubles the channels)."""
+    return evaluator.reference.outputs[0].shape == evaluator.reference.inputs[0].shape
+
+
+def _call_plan(candidate: Candidate):
+    """The candidate as the plan that is applied: its call unit alone (in the candidate's mode)."""
+    from ..plan import Plan, Unit
+
+    bits = tuple(0 if lv == candidate.top else 1 for lv in candidate.levels)
+    return Plan({"call": Unit("call", bits, candidate.mode)})
