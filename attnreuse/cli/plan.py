@@ -24,7 +24,10 @@ def register(sub) -> None:
                     "calibration set in all. --effort full: profile every kind of call, then seeds (DeepCache, "
                     "step-reduction-like, HURRY, PAB-like), dynamic programs and a budgeted hill-climb (hundreds of "
                     "runs; resumable through --state). Prints the predicted and the measured latency."))
-    plan.add_argument("--budget", type=float, required=True, help="latency as a ratio to the full sampler, e.g. 0.5")
+    goal = plan.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--budget", type=float, help="latency as a ratio to the full sampler, e.g. 0.5")
+    goal.add_argument("--target-psnr", type=float, help="the fastest plan whose calibration PSNR against the full "
+                      "sampler is at least this many dB (quick planner)")
     plan.add_argument("--effort", choices=("quick", "full"), default="quick",
                       help="quick: the quick planner (default); full: the profile and the hill-climb")
     plan.add_argument("--calibration", type=int, default=8, help="calibration prompts (one seed each)")
@@ -40,9 +43,14 @@ def register(sub) -> None:
 def check_plan(args):
     """Every argument of `plan`, before the model loads; returns the latency profile to reuse, if any."""
     check_model_options(args, args.calibration)
-    checks.finite(args.budget, "--budget", above=0)
-    if args.budget > 1:
-        raise UsageError(f"--budget is a latency ratio to the full sampler, at most 1, got {args.budget:g}.")
+    if args.target_psnr is not None:
+        checks.finite(args.target_psnr, "--target-psnr", above=0)
+        if args.effort == "full":
+            raise UsageError("--target-psnr is planned by the quick planner; leave out --effort full.")
+    else:
+        checks.finite(args.budget, "--budget", above=0)
+        if args.budget > 1:
+            raise UsageError(f"--budget is a latency ratio to the full sampler, at most 1, got {args.budget:g}.")
     checks.at_least(args.calibration, "--calibration", 1)
     checks.finite(args.time_limit, "--time-limit", minimum=0)
     checks.at_least(args.sweeps, "--sweeps", 0)
@@ -74,7 +82,8 @@ def run_plan(args) -> int:
                          f"{2 * len(setup.prompts)} (twice --calibration).")
     out = Path(args.out)
     if args.effort == "quick":
-        plan = quick_plan(setup, args.budget, progress=True, measure=not args.no_measure, latency=latency)
+        plan = quick_plan(setup, args.budget, progress=True, measure=not args.no_measure, latency=latency,
+                          target_psnr=args.target_psnr)
         if not shards.main:  # every process plans alike; one writes
             return 0
         plan.to_json(out)
@@ -102,7 +111,8 @@ def _measured(meta: dict) -> str:
 
 def _print_quick(plan, args, count: int, out: Path) -> None:
     m = plan.meta
-    print(f"plan for a budget of {args.budget:g} ({args.sampler}, {args.steps} steps, {count} calibration prompts, "
+    goal = f"a budget of {args.budget:g}" if args.budget is not None else f"a target of {args.target_psnr:g} dB"
+    print(f"plan for {goal} ({args.sampler}, {args.steps} steps, {count} calibration prompts, "
           f"quick planner): PSNR {m['psnr_db']:.2f} dB against the full sampler; latency predicted "
           f"{m['predicted_latency']:.3f}x{_measured(m)} on {m['latency_model']['device']}; cost "
           f"{m['denoiser_calls']} denoiser calls ({m['full_runs']:.1f} runs of the calibration set), "

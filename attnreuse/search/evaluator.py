@@ -76,16 +76,14 @@ def write_state(path: Path | None, setup: dict, **fields) -> None:
 
 
 class Recording:
-    """The raw output and the wall time of each denoiser call made inside the block (the reference run), and the
-    time spent outside the calls (`outside_s`: encoding and decoding, set by the evaluator)."""
+    """The input, raw output and wall time of each denoiser call made inside the block (the reference run)."""
 
     def __init__(self, model):
-        self.model, self.inputs, self.outputs, self.seconds, self.outside_s = model, [], [], [], 0.0
+        self.model, self.inputs, self.outputs, self.seconds = model, [], [], []
         self.states: list = []  # (latents, scheduler) after each call, set by the evaluator
 
     def __enter__(self):
         clock = []
-        self.started = time.perf_counter()
 
         def before(module, args, kwargs):
             self.inputs.append(args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")))
@@ -124,16 +122,13 @@ class Evaluator:
         self.state_file = Path(state_file) if state_file else None
         if self.state_file and self.state_file.exists():
             self._resume()
-        started = time.perf_counter()
         self._prepare()
         self._path: tuple = ()  # the actors' signature, and (actions, state after them) along the last run
         self.reference = Recording(self.sampling.model)  # what the quick planner replays
         with self.reference:
             latents = self._run(Schedule.all_compute(setup.num_steps), count=False)
         self.reference.states = [(state[0], state[1]) for _, state in self._path[1]]
-        decode_started = time.perf_counter()
         self.references = self._final_images(latents)
-        self.reference.outside_s = time.perf_counter() - decode_started + (self.reference.started - started)
 
     @property
     def key(self) -> dict:

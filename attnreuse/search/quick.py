@@ -23,13 +23,14 @@ import torch
 
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
+from ..pipelines.timing import timed
 from .evaluator import Evaluator
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
 from .planner import refresh_program
 from .space import Candidate
 
-__all__ = ["quick_plan", "replay", "error_table", "refresh_count"]
+__all__ = ["quick_plan", "replay", "error_table", "refresh_count", "quick_latency"]
 
 PROFILE_REPEATS = 3  # paired timings of a reused call: it costs little, so few are needed
 
@@ -85,49 +86,94 @@ def refresh_count(latency: LatencyModel, n: int, budget: float, top: int) -> int
 
 def quick_latency(setup: GenerationSetup, evaluator: Evaluator, structure: Levels) -> tuple[LatencyModel, bool]:
     """The latency model the quick planner needs: a reused call timed against plain calls (cached per model,
-    device, dtype and batch), and the fixed cost from the reference run (its time outside the calls, in calls);
+    device, dtype and batch), and the fixed cost: encoding and decoding again, warm, in reference calls;
     and whether the timing came from the cache."""
-    kinds = [(0, "compute"), (structure.top, "compute")]
+    kinds = [(0, "compute"), (structure.top, "compute")]  # plain, and the whole call reused
     latency, cached = cached_profile(setup, structure, kinds, PROFILE_REPEATS)
     per_call = statistics.median(evaluator.reference.seconds)
-    latency.fixed = evaluator.reference.outside_s / per_call
+    latency.fixed = _outside_seconds(evaluator, setup.device) / per_call
     latency.plain_ms = per_call * 1000
     return latency, cached
 
 
-def quick_plan(setup: GenerationSetup, budget: float, progress: bool = True, measure: bool = True,
-               latency: LatencyModel | None = None):
+def _outside_seconds(evaluator: Evaluator, device, repeats: int = 3) -> float:
+    """A generation's time outside the denoiser, warm: encoding the prompts and decoding the latents again (no
+    denoiser call), the median of `repeats`."""
+    sampling, final = evaluator.sampling, evaluator.reference.states[-1][0]
+    with torch.no_grad():
+        runs = [timed(lambda: (sampling._encode(), sampling.images(final)), device)[1] for _ in range(repeats)]
+    return statistics.median(runs)
+
+
+def quick_plan(setup: GenerationSetup, budget: float | None = None, progress: bool = True, measure: bool = True,
+               latency: LatencyModel | None = None, target_psnr: float | None = None):
     """The quick planner (module docstring): the best verified of a few programmed plans whose predicted latency is
-    within `budget`; its cost (denoiser calls that ran, full runs of the calibration set, seconds) is in the plan's
-    meta (`measure`, the plan's measured latency at the end, is not part of it)."""
+    within `budget`; or, with `target_psnr` instead, the fewest refreshes whose verified calibration PSNR reaches
+    it (a bisection over the refresh count). Its cost (denoiser calls that ran, full runs of the calibration set,
+    seconds) is in the plan's meta (`measure`, the plan's measured latency at the end, is not part of it)."""
+    if (budget is None) == (target_psnr is None):
+        raise ValueError("quick_plan needs a latency budget or a target PSNR, one of the two.")
     started = time.perf_counter()
     model = denoiser(setup.pipe)
     with _Computed(model) as computed:
-        evaluator = Evaluator(setup, progress=progress)
-        structure = Levels.of(model)
-        cached = latency is not None  # a profile given: nothing timed here
-        if latency is None:
-            latency, cached = quick_latency(setup, evaluator, structure)
-        n, top = setup.num_steps, structure.top
-        keys = refresh_count(latency, n, budget, top)
-        found = []
-        for mode in ["output"] + (["residual"] if _shaped_alike(evaluator) else []):
-            chosen = refresh_program(error_table(evaluator, residual=mode == "residual"), keys)
-            found.append(Candidate(tuple(0 if c in chosen else top for c in range(n)), (1,) * n, mode, structure))
-        plans = [_call_plan(c) for c in found]
-        utilities = evaluator(plans)
+        search = _QuickSearch(setup, Evaluator(setup, progress=progress), Levels.of(model), latency)
+        if target_psnr is None:
+            keys = refresh_count(search.latency, setup.num_steps, budget, search.structure.top)
+        else:
+            keys = search.fewest_refreshes(target_psnr)
+        found, utilities = search.verified(keys)
     best = max(range(len(found)), key=lambda k: utilities[k])
-    plan = plans[best].at_timesteps(evaluator.timesteps.tolist())
-    meta = {**evaluator.key, "budget": budget, "device_type": torch.device(setup.device).type,
-            "strategy": "quick planner", "psnr_db": utilities[best],
-            "predicted_latency": found[best].cost(latency), "latency_model": latency.to_dict(),
-            "candidates": len(found), "candidate_psnr_db": utilities, "refreshes": keys, "profile_cached": cached,
-            "denoiser_calls": computed.calls, "full_runs": computed.calls / n,
+    n, evaluator = setup.num_steps, search.evaluator
+    plan = _call_plan(found[best]).at_timesteps(evaluator.timesteps.tolist())
+    meta = {**evaluator.key, "budget": budget, "target_psnr_db": target_psnr,
+            "device_type": torch.device(setup.device).type, "strategy": "quick planner", "psnr_db": utilities[best],
+            "predicted_latency": found[best].cost(search.latency), "latency_model": search.latency.to_dict(),
+            "candidates": len(search.tried), "candidate_psnr_db": utilities, "refreshes": keys,
+            "profile_cached": search.cached, "denoiser_calls": computed.calls, "full_runs": computed.calls / n,
             "search_s": time.perf_counter() - started, "levels": list(found[best].levels), "mode": found[best].mode}
     plan = type(plan)(plan.units, plan.timesteps, meta)
     if measure:
         plan.meta["measured"] = measure_latency(setup, plan)
     return plan
+
+
+class _QuickSearch:
+    """One quick planning: the evaluator (with its recorded reference run), the latency model, the error table of
+    each reuse mode, and the candidates verified so far."""
+
+    def __init__(self, setup: GenerationSetup, evaluator: Evaluator, structure: Levels, latency=None):
+        self.setup, self.evaluator, self.structure = setup, evaluator, structure
+        self.cached = latency is not None  # a profile given: nothing timed here
+        if latency is None:
+            latency, self.cached = quick_latency(setup, evaluator, structure)
+        self.latency = latency
+        modes = ["output"] + (["residual"] if _shaped_alike(evaluator) else [])
+        self.tables = {mode: error_table(evaluator, residual=mode == "residual") for mode in modes}
+        self.tried: dict = {}
+
+    def verified(self, keys: int) -> tuple[list[Candidate], list[float]]:
+        """The programmed candidate of each mode with `keys` refreshes, and their verified utilities."""
+        n, top = self.setup.num_steps, self.structure.top
+        found = []
+        for mode, errors in self.tables.items():
+            chosen = refresh_program(errors, keys)
+            found.append(Candidate(tuple(0 if c in chosen else top for c in range(n)), (1,) * n, mode,
+                                   self.structure))
+        utilities = self.evaluator([_call_plan(c) for c in found])
+        self.tried.update({c.key(): u for c, u in zip(found, utilities)})
+        return found, utilities
+
+    def fewest_refreshes(self, target: float) -> int:
+        """The fewest refreshes whose best verified candidate reaches `target` dB (all of them, the full sampler,
+        always does)."""
+        low, high = 1, self.setup.num_steps
+        while low < high:
+            middle = (low + high) // 2
+            if max(self.verified(middle)[1]) >= target:
+                high = middle
+            else:
+                low = middle + 1
+        return high
 
 
 class _Computed:

@@ -57,6 +57,11 @@ CASES = [
     (["eval", "--methods", "phast:4", "--calibration", "0"], "--calibration must be at least 1"),
     (["eval", "--count", "0"], "--count must be at least 1"),
     (["eval", "--out", "{tmp}/afile"], "a file is in the way"),
+    # plan
+    (["plan", "--budget", "0"], "--budget must be"),
+    (["plan", "--budget", "1.5"], "at most 1, got 1.5"),
+    (["plan", "--target-psnr", "nan"], "--target-psnr must be a finite number"),
+    (["plan", "--target-psnr", "40", "--effort", "full"], "--target-psnr is planned by the quick planner"),
     # analyze
     (["analyze", "sensitivity", "--steps", "3"], "needs at least 4 steps"),
     # bench
