@@ -149,12 +149,6 @@ class Plan:
                              "with plan.units[name].bits.")
         return next(iter(self.units.values())).bits
 
-    @property
-    def attention_only(self) -> bool:
-        """Whether this plan is the paper's kind: one attention unit over every layer."""
-        unit = self.units.get("attention")
-        return len(self.units) == 1 and unit is not None and unit.layers is None
-
     # constructors: the paper's schedules, DeepCache, no reuse
 
     @classmethod

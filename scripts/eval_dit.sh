@@ -9,7 +9,7 @@ R=${RESULTS:-runs/results/dit}
 T=${TIME_LIMIT:-300}
 $A evaluate-default --model dit --count 50 --card --out "$R/card"
 for budget in 0.5 0.7; do
-  $A plan --model dit --sampler ddim --steps 20 --budget $budget --calibration 8 --time-limit "$T" \
+  $A plan --effort full --model dit --sampler ddim --steps 20 --budget $budget --calibration 8 --time-limit "$T" \
     --out "$R/plan-$budget.json" --state "$R/plan-$budget.state.json" &
 done
 wait

@@ -13,7 +13,7 @@ first=""
 for sampler in ddim dpm++; do
   for budget in 0.5 0.35 0.7 0.85; do
     name=$(echo "$sampler" | tr + p)20-$budget
-    $A plan --sampler "$sampler" --steps 20 --budget "$budget" --calibration 8 --out "$OUT/$name.json" \
+    $A plan --effort full --sampler "$sampler" --steps 20 --budget "$budget" --calibration 8 --out "$OUT/$name.json" \
       --state "$STATE/$name.state.json" ${first:+--profile "$first"} ${MEASURE:---no-measure}
     first=${first:-$OUT/$name.json}
   done

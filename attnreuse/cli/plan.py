@@ -31,12 +31,12 @@ def register(sub) -> None:
     plan.add_argument("--effort", choices=("quick", "full"), default="quick",
                       help="quick: the quick planner (default); full: the profile and the hill-climb")
     plan.add_argument("--calibration", type=int, default=8, help="calibration prompts (one seed each)")
-    plan.add_argument("--time-limit", type=float, default=840, help="seconds of hill-climbing at most (full)")
-    plan.add_argument("--sweeps", type=int, default=30, help="hill-climbing sweeps at most (full)")
+    plan.add_argument("--time-limit", type=float, help="seconds of hill-climbing at most (full; default 840)")
+    plan.add_argument("--sweeps", type=int, help="hill-climbing sweeps at most (full; default 30)")
     plan.add_argument("--profile", help="a latency profile to reuse: a plan JSON searched on this device and batch")
     plan.add_argument("--no-measure", action="store_true", help="skip measuring the plan's latency at the end")
     plan.add_argument("--out", default="runs/plan/plan.json")
-    plan.add_argument("--state", help="resume file (default: OUT with .state.json)")
+    plan.add_argument("--state", help="resume file (full; default: OUT with .state.json)")
     plan.set_defaults(func=run_plan)
 
 
@@ -52,8 +52,7 @@ def check_plan(args):
         if args.budget > 1:
             raise UsageError(f"--budget is a latency ratio to the full sampler, at most 1, got {args.budget:g}.")
     checks.at_least(args.calibration, "--calibration", 1)
-    checks.finite(args.time_limit, "--time-limit", minimum=0)
-    checks.at_least(args.sweeps, "--sweeps", 0)
+    _check_climb(args)
     checks.writable_file(args.out, "--out", (".json",))
     if args.state:
         checks.writable_file(args.state, "--state", (".json",))
@@ -63,9 +62,26 @@ def check_plan(args):
 
     try:
         meta = read_json(checks.readable_file(args.profile, "--profile"), "--profile file").get("meta", {})
+        if args.effort == "full" and meta.get("strategy") == "quick planner":
+            raise UsageError(f"--profile {args.profile}: a quick plan times only a reused call; --effort full needs "
+                             "a full search's profile (or none).")
         return LatencyModel.from_dict(meta["latency_model"])
     except (ValueError, KeyError, AttributeError, TypeError) as err:
         raise UsageError(f"--profile {args.profile}: not a plan with a latency profile ({err}).") from None
+
+
+def _check_climb(args) -> None:
+    """The options of the full search's climb: refused with the quick planner, which has no climb to steer."""
+    given = [name for name, value in (("--time-limit", args.time_limit), ("--sweeps", args.sweeps),
+                                      ("--state", args.state)) if value is not None]
+    if args.effort == "quick":
+        if given:
+            raise UsageError(f"{given[0]} steers the full search's climb; add --effort full, or leave it out.")
+        return
+    args.time_limit = 840.0 if args.time_limit is None else args.time_limit
+    args.sweeps = 30 if args.sweeps is None else args.sweeps
+    checks.finite(args.time_limit, "--time-limit", minimum=0)
+    checks.at_least(args.sweeps, "--sweeps", 0)
 
 
 def run_plan(args) -> int:

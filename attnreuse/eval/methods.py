@@ -29,7 +29,7 @@ import numpy as np
 
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup, generators
-from ..plan import Plan, Schedule, as_plan
+from ..plan import Schedule, as_plan
 from ..reuse import apply_reuse
 from ..search import cached_phast, cached_plan
 
@@ -260,7 +260,7 @@ def _reuse(setup, spec, calibration):
     elif name == "plan":
         spec = info["plan_file"] = str(cached_plan(_calibrated(setup, calibration, spec), float(arg), progress=True))
     value = as_plan(f"hurry:{setup.num_steps}:{arg}" if name == "hurry" else spec)
-    if isinstance(value, Plan) and not isinstance(value, Schedule):  # a Schedule is a Plan written as bits
+    if not isinstance(value, Schedule):  # a plan; a Schedule is one written as bits
         info.update(plan=str(value), predicted_latency=value.meta.get("predicted_latency"))
     else:
         info["schedule"] = str(value)

@@ -131,7 +131,7 @@ class Sampling:
         self.device = self.model.device
         config = self.model.config
         self.cfg = setup.guidance > 1 and getattr(config, "time_cond_proj_dim", None) is None
-        self.inputs = self._encode()
+        self.inputs = self.encode()
         pipe.scheduler.set_timesteps(setup.num_steps, device=self.device)
         self.timesteps = pipe.scheduler.timesteps
         size = config.sample_size * pipe.vae_scale_factor
@@ -140,7 +140,7 @@ class Sampling:
                                        generators(setup.seeds, self.device))
         self.start = (latents, copy.deepcopy(pipe.scheduler))
 
-    def _encode(self) -> dict:
+    def encode(self) -> dict:
         """The denoiser's text inputs for both CFG branches (unconditional first)."""
         pipe, prompts = self.setup.pipe, self.setup.prompts
         if not self.pixart:

@@ -11,6 +11,7 @@ setup's key and what it has found) lets an interrupted search resume.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -111,11 +112,14 @@ class Evaluator:
             step count and guidance scale.
         state_file (*optional*): JSON where every utility is written as soon as it is known; an interrupted
             search run again with the same file skips what was done.
+        record (*optional*): keep the reference run's inputs, outputs, call times and states (`reference`, a
+            `Recording`), which the quick planner replays.
 
     `calls` counts denoiser calls (each over the whole batch); `naive_calls` what full generations would cost.
     """
 
-    def __init__(self, setup: GenerationSetup, state_file: str | Path | None = None, progress: bool = False):
+    def __init__(self, setup: GenerationSetup, state_file: str | Path | None = None, progress: bool = False,
+                 record: bool = False):
         self.setup, self.progress = setup, progress
         self.calls, self.naive_calls = 0, 0
         self.utilities: dict[str, float] = {}
@@ -124,10 +128,11 @@ class Evaluator:
             self._resume()
         self._prepare()
         self._path: tuple = ()  # the actors' signature, and (actions, state after them) along the last run
-        self.reference = Recording(self.sampling.model)  # what the quick planner replays
-        with self.reference:
+        self.reference = Recording(self.sampling.model) if record else None  # what the quick planner replays
+        with self.reference or contextlib.nullcontext():
             latents = self._run(Schedule.all_compute(setup.num_steps), count=False)
-        self.reference.states = [(state[0], state[1]) for _, state in self._path[1]]
+        if record:
+            self.reference.states = [(state[0], state[1]) for _, state in self._path[1]]
         self.references = self._final_images(latents)
 
     @property
@@ -183,7 +188,6 @@ class Evaluator:
 
     def __call__(self, candidates) -> list[float]:
         """Utilities of schedules or plans (known ones are not run again), running the new ones in sorted order."""
-
         values = [as_plan(c) for c in candidates]
         for value in values:
             if len(value) != self.setup.num_steps:

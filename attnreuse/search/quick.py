@@ -9,8 +9,9 @@
    change of the output between calls ranks refreshes far worse: issue 25's probe.)
 3. Program: DPCache's dynamic program (`planner.refresh_program`, Wang et al. 2026) picks the refresh calls, as
    many computed calls as the latency model allows within the budget.
-4. Verify: the programmed candidates (output and residual reuse, with that many refreshes and one fewer) run for
-   real, sharing prefixes; the best measured one is the plan.
+4. Verify: the programmed candidate of each reuse mode (output, and residual where the output is shaped like the
+   input) runs for real, sharing prefixes; the best measured one is the plan. With a target PSNR instead of a
+   budget, a bisection over the refresh count verifies the candidates of each count it tries.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import timed
+from ..plan import Plan, Unit
 from .evaluator import Evaluator
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
 from .planner import refresh_program
 from .space import Candidate
 
-__all__ = ["quick_plan", "replay", "error_table", "refresh_count", "quick_latency"]
+__all__ = ["quick_plan", "QuickSearch", "replay", "error_table", "refresh_count", "quick_latency"]
 
 PROFILE_REPEATS = 3  # paired timings of a reused call: it costs little, so few are needed
 
@@ -101,7 +103,7 @@ def _outside_seconds(evaluator: Evaluator, device, repeats: int = 3) -> float:
     denoiser call), the median of `repeats`."""
     sampling, final = evaluator.sampling, evaluator.reference.states[-1][0]
     with torch.no_grad():
-        runs = [timed(lambda: (sampling._encode(), sampling.images(final)), device)[1] for _ in range(repeats)]
+        runs = [timed(lambda: (sampling.encode(), sampling.images(final)), device)[1] for _ in range(repeats)]
     return statistics.median(runs)
 
 
@@ -116,7 +118,7 @@ def quick_plan(setup: GenerationSetup, budget: float | None = None, progress: bo
     started = time.perf_counter()
     model = denoiser(setup.pipe)
     with _Computed(model) as computed:
-        search = _QuickSearch(setup, Evaluator(setup, progress=progress), Levels.of(model), latency)
+        search = QuickSearch(setup, Evaluator(setup, progress=progress, record=True), Levels.of(model), latency)
         if target_psnr is None:
             keys = refresh_count(search.latency, setup.num_steps, budget, search.structure.top)
         else:
@@ -137,7 +139,7 @@ def quick_plan(setup: GenerationSetup, budget: float | None = None, progress: bo
     return plan
 
 
-class _QuickSearch:
+class QuickSearch:
     """One quick planning: the evaluator (with its recorded reference run), the latency model, the error table of
     each reuse mode, and the candidates verified so far."""
 
@@ -202,7 +204,5 @@ def _shaped_alike(evaluator: Evaluator) -> bool:
 
 def _call_plan(candidate: Candidate):
     """The candidate as the plan that is applied: its call unit alone (in the candidate's mode)."""
-    from ..plan import Plan, Unit
-
     bits = tuple(0 if lv == candidate.top else 1 for lv in candidate.levels)
     return Plan({"call": Unit("call", bits, candidate.mode)})

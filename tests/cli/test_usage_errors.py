@@ -62,6 +62,11 @@ CASES = [
     (["plan", "--budget", "1.5"], "at most 1, got 1.5"),
     (["plan", "--target-psnr", "nan"], "--target-psnr must be a finite number"),
     (["plan", "--target-psnr", "40", "--effort", "full"], "--target-psnr is planned by the quick planner"),
+    (["plan", "--budget", "0.5", "--state", "{tmp}/s.json"], "--state steers the full search's climb"),
+    (["plan", "--budget", "0.5", "--sweeps", "2"], "--sweeps steers the full search's climb"),
+    (["plan", "--budget", "0.5", "--effort", "full", "--sweeps", "-1"], "--sweeps must be at least 0"),
+    (["plan", "--budget", "0.5", "--effort", "full", "--profile", "{tmp}/quick.json", "--out", "{tmp}/o/p.json"],
+     "a quick plan times only a reused call"),
     # analyze
     (["analyze", "sensitivity", "--steps", "3"], "needs at least 4 steps"),
     # bench
@@ -101,6 +106,7 @@ def test_a_user_error_exits_2_with_one_line_before_any_work(argv, message, tmp_p
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "broken.json").write_text('{"utilities": ')
+    (tmp_path / "quick.json").write_text('{"meta": {"strategy": "quick planner", "latency_model": {}}}')
     (tmp_path / "badbench").mkdir()
     (tmp_path / "badbench" / "bench.json").write_text("[{")
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -16,7 +16,7 @@ PROMPTS = ["a red circle", "a blue square"]
 @pytest.fixture(params=["ddim", "dpm++"])
 def evaluator(sd_pipe, request):
     use_sampler(sd_pipe, request.param)
-    yield Evaluator(GenerationSetup(sd_pipe, PROMPTS, [0, 1], STEPS, 7.5))
+    yield Evaluator(GenerationSetup(sd_pipe, PROMPTS, [0, 1], STEPS, 7.5), record=True)
     use_sampler(sd_pipe, "ddim")
 
 
@@ -82,14 +82,14 @@ def test_the_profile_is_timed_once_per_model_device_and_batch(sd_pipe, tmp_path,
 
 def test_a_target_psnr_gets_the_fewest_refreshes_that_reach_it(sd_pipe, tmp_path, monkeypatch):
     from attnreuse.search.levels import Levels
-    from attnreuse.search.quick import _QuickSearch
+    from attnreuse.search.quick import QuickSearch
 
     monkeypatch.setenv("ATTNREUSE_CACHE", str(tmp_path))
     setup = GenerationSetup(sd_pipe, PROMPTS, [0, 1], STEPS, 7.5)
     plan = quick_plan(setup, target_psnr=50.0, progress=False, measure=False)
     refreshes = plan.meta["refreshes"]
     assert refreshes > 1 and plan.meta["psnr_db"] >= 50.0 and sum(plan.units["call"].bits) == refreshes
-    search = _QuickSearch(setup, Evaluator(setup), Levels.of(sd_pipe.unet), LatencyModel.from_dict(
+    search = QuickSearch(setup, Evaluator(setup, record=True), Levels.of(sd_pipe.unet), LatencyModel.from_dict(
         plan.meta["latency_model"]))
     assert max(search.verified(refreshes - 1)[1]) < 50.0  # one refresh fewer does not reach it
     with pytest.raises(ValueError, match="a latency budget or a target PSNR"):
