@@ -33,6 +33,7 @@ class AttentionReuseHandle:
         self.processors: dict = {}  # layer name -> (its module, our processor, the processor it had)
         self.undo: list = []  # hooks and instance attributes to take off in `remove`
         self._open = False  # a denoiser call has begun and not returned
+        self.first_use = None  # planning at first use (`first_use.FirstUse`), when apply was given a goal
 
     @property
     def layers(self) -> list[str]:
@@ -68,6 +69,8 @@ class AttentionReuseHandle:
         self.tracker.reset()
         self.cache.reset()
         self.threads.shutdown()
+        if self.first_use is not None:
+            self.first_use.close()
         delattr(self.model, HANDLE_ATTR)
 
     def stats(self) -> dict:

@@ -12,7 +12,7 @@ import torch
 from .attention import ReuseAttnProcessor, check_kernels
 from .cache import AUTO, MAP
 from .layers import family
-from .wrappers import STREAMS, CallForward, ModuleForward
+from .wrappers import STREAMS, CallForward, ModuleForward, model_input
 
 __all__ = ["install_processors", "install_hooks"]
 
@@ -40,7 +40,31 @@ def install_processors(model, handle) -> dict:
 
 def install_hooks(target, model, handle) -> list:
     """Step hooks, wrapped module and call forwards, and the pipeline's loop guard; returns what undoes them."""
-    return _step_hooks(model, handle) + _module_forwards(model, handle) + _pipeline_loop(target, handle)
+    return (_first_use_hooks(target, model, handle) + _step_hooks(model, handle) + _module_forwards(model, handle)
+            + _pipeline_loop(target, handle))
+
+
+def _first_use_hooks(target, model, handle) -> list:
+    """For planning at first use: the denoiser's input and time (hooks that run before and after the step
+    hooks), and the start of each pipeline call (its `check_inputs`, the first thing every pipeline does)."""
+    first_use = handle.first_use
+    if first_use is None:
+        return []
+
+    def before(module, args, kwargs):
+        first_use.before_denoiser(model_input(args, kwargs))
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+             model.register_forward_hook(lambda *a: first_use.after_denoiser())]
+    undo = [hook.remove for hook in hooks]
+    check_inputs = getattr(target, "check_inputs", None)
+    if callable(check_inputs):
+        def started_then_check(*args, **kwargs):
+            first_use.call_started()
+            return check_inputs(*args, **kwargs)
+
+        undo.append(_on_instance(target, "check_inputs", started_then_check))
+    return undo
 
 
 def _module_forwards(model, handle) -> list:
@@ -52,8 +76,7 @@ def _module_forwards(model, handle) -> list:
                                                                   handle.cache, STREAMS.get(type(module).__name__))))
     call = next((u for u in handle.plan.units.values() if u.kind == "call"), None)
     if call is not None:
-        undo.append(_on_instance(model, "forward", CallForward(model.forward, handle.tracker, handle.cache,
-                                                               call.mode)))
+        undo.append(_on_instance(model, "forward", CallForward(model.forward, handle.tracker, handle.cache)))
     return undo
 
 
@@ -126,7 +149,10 @@ def _pipeline_loop(target, handle) -> list:
 
     def free_then_end_of_call(*args, **kwargs):  # a generation that stopped early frees its cache too
         handle.end_generation()
-        return end_of_call(*args, **kwargs)
+        done = end_of_call(*args, **kwargs)
+        if handle.first_use is not None:
+            handle.first_use.call_ended()
+        return done
 
     return [_on_instance(target, _END_OF_CALL, free_then_end_of_call),
             _on_instance(target, "progress_bar", lambda *a, **k: _LoopGuard(progress_bar(*a, **k), handle))]

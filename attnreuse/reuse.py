@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from .cache import LayerCache
+from .first_use import FirstUse, checked_goal
 from .handle import HANDLE_ATTR, AttentionReuseHandle
 from .install import install_hooks, install_processors
 from .layers import bind, find_model
 from .options import AttentionReuseConfig
-from .plan import Plan
+from .plan import Plan, Unit
 from .state import StepTracker
 from .units import resolve, slot_drops
 
@@ -25,7 +28,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["apply_reuse", "apply_attention_reuse", "AttentionReuseHelper"]
 
 
-def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) -> AttentionReuseHandle:
+def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, budget: float | None = None,
+                target_psnr: float | None = None, calibration: int = 1, **options) -> AttentionReuseHandle:
     """Reuse work across denoising steps by a plan; the paper's attention-map reuse (Hunter, Dudziak et al. 2024,
     arXiv 2401.01008) is the plan of one attention unit.
 
@@ -41,6 +45,12 @@ def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) 
             JSON path); or an `AttentionReuseConfig`. (`schedule=` is its first name.)
         scheduler (*optional*): for a bare model, the scheduler whose timesteps drive it. Without one, the plan
             counts model calls and a timestep going back up starts a new generation.
+        budget, target_psnr (*optional*): instead of a plan, plan at first use (a pipeline only): the first
+            `calibration` generations of each setup run the full sampler (the stock image) and are recorded, then
+            a whole-call plan is made for a latency `budget` (a fraction of the full sampler's, as measured in those
+            generations) or for the fewest computed calls that keep `target_psnr` dB of the final latents
+            (predicted by replaying the sampler); it is kept under `$ATTNREUSE_CACHE`, so the next process starts
+            planned. `stats()["plan_source"]` says where the plan in use came from.
         **options: `layers`, `attention`, `mode` (for a schedule), `cache_dtype`, `max_cache_bytes`, `kernels`, as
             in `AttentionReuseConfig`.
 
@@ -55,12 +65,21 @@ def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) 
     >>> image = pipe("a red circle", num_inference_steps=20).images[0]
     >>> handle.remove()
     """
+    first_use = _first_use(target, plan if plan is not None else schedule, budget, target_psnr, calibration)
+    if first_use is not None:
+        plan = Plan({"call": Unit("call", (1,), "output")})  # bound now; each generation's plan comes at its start
     config = _config(plan if plan is not None else schedule, options)
     model, get_scheduler = find_model(target)
     if scheduler is not None:
         get_scheduler = lambda: scheduler  # noqa: E731
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError("Reuse is already applied to this model; call handle.remove() first.")
+    return _installed(target, model, config, get_scheduler, first_use)
+
+
+def _installed(target, model, config: AttentionReuseConfig, get_scheduler, first_use) -> AttentionReuseHandle:
+    """The plan bound to the model's layers, resolved once (a plan that cannot run on this model is refused here,
+    before any sampling), and the handle installed."""
     plan, layout = bind(model, config)
     layers = list(layout.attention)
 
@@ -73,9 +92,12 @@ def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) 
             resolutions[key] = actions, slot_drops(actions, layers, layout.modules)
         return resolutions[key]
 
-    resolved(plan)  # a plan that cannot run on this model is refused here, before any sampling
+    resolved(plan)
     handle = AttentionReuseHandle(model, config, plan, layout, StepTracker(plan, resolved, get_scheduler),
                                   LayerCache(tuple(layers), layout.modules, config.max_cache_bytes))
+    if first_use is not None:
+        handle.first_use = first_use.bound(model)
+        handle.tracker.planner = first_use.plan_for
     handle.processors = install_processors(model, handle)
     handle.undo = install_hooks(target, model, handle)
     setattr(model, HANDLE_ATTR, handle)
@@ -85,6 +107,20 @@ def apply_reuse(target, plan=None, *, scheduler=None, schedule=None, **options) 
 
 
 apply_attention_reuse = apply_reuse  # its first name, for the paper's schedules
+
+
+def _first_use(target, plan, budget, target_psnr, calibration: int) -> FirstUse | None:
+    """Planning at first use when apply is given a goal instead of a plan (checked before the model is touched)."""
+    if budget is None and target_psnr is None and calibration == 1:
+        return None
+    if plan is not None:
+        raise TypeError("apply_reuse takes a plan or a goal to plan for at first use (budget=, target_psnr=, "
+                        "calibration=), not both.")
+    goal = checked_goal(budget, target_psnr, calibration)
+    if isinstance(target, torch.nn.Module) or not hasattr(target, "scheduler"):
+        raise TypeError("planning at first use (budget=, target_psnr=) needs a diffusers pipeline, whose scheduler "
+                        f"it records; {type(target).__name__} is not one. Give a bare model a plan.")
+    return FirstUse(target, *goal)
 
 
 def _config(plan, options: dict) -> AttentionReuseConfig:

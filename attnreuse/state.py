@@ -41,7 +41,14 @@ class StepTracker:
 
     def __init__(self, plan, resolve, get_scheduler=lambda: None):
         self.plan, self.resolve, self.get_scheduler = plan, resolve, get_scheduler
+        self.planner = None  # planning at first use: picks the plan of each pipeline generation (`first_use`)
         self.reset()
+
+    @property
+    def call_mode(self) -> str | None:
+        """The mode of the running plan's call unit (None: it has none)."""
+        units = self.running.units.values() if self.running is not None else ()
+        return next((u.mode for u in units if u.kind == "call"), None)
 
     @property
     def in_generation(self) -> bool:
@@ -144,6 +151,8 @@ class StepTracker:
             seen = (t, t * 1000) if t <= 1 < max(all_ts) else (t,)
             begin = min(range(len(all_ts)), key=lambda i: min(abs(all_ts[i] - v) for v in seen))
         call_ts = all_ts[begin:]
+        if self.planner is not None:
+            self.plan = self.planner(call_ts, scheduler)
         order = int(getattr(scheduler, "order", 1) or 1)
         try:
             return self.plan.expand(len(call_ts), order)

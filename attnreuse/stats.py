@@ -1,4 +1,5 @@
-"""What a handle reports: generations and calls, the plan followed, and the cache's bytes and counts per layer."""
+"""What a handle reports: generations and calls, the plan followed and where it came from, and the cache's bytes and
+counts per layer."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ def handle_stats(handle) -> dict:
     running = tracker.running
     units = running.units if running is not None else {}
     only = units.get("attention") if len(units) == 1 else None
+    source = handle.first_use.stats() if handle.first_use is not None else {"plan_source": "given"}
     return {
         "generations": tracker.generations, "calls_in_generation": tracker.call + 1,
-        "plan": str(running or ""), "schedule": "".join(map(str, only.bits)) if only else "",
+        "plan": str(running or ""), "schedule": "".join(map(str, only.bits)) if only else "", **source,
         "cache_bytes": cache.nbytes, "peak_cache_bytes": cache.peak_bytes, "kept_buffer_bytes": cache.memory.nbytes,
         "layers": {name: _layer(handle, name) for name in cache.layers},
     }

@@ -14,7 +14,7 @@ import torch
 from .cache import CALL, OUTPUT, LayerCache, Slot, output_key, residual_key
 from .state import REUSE, SKIP, STORE, StepTracker
 
-__all__ = ["ModuleForward", "CallForward", "STREAMS", "sample_of", "with_sample"]
+__all__ = ["ModuleForward", "CallForward", "STREAMS", "sample_of", "with_sample", "model_input"]
 
 _INPUTS = ("hidden_states", "input_tensor", "sample", "x")
 # Blocks that return several streams: the input each returned entry is the residual of (SD3 and Flux blocks return
@@ -38,10 +38,11 @@ def with_sample(output, tensor: torch.Tensor):
     return type(output)(**{**output, first: tensor})
 
 
-def _input(args, kwargs) -> torch.Tensor:
+def model_input(args, kwargs) -> torch.Tensor:
+    """The latents a denoiser or module is called on: its first argument, by position or by name."""
     if args:
         return args[0]
-    return next(kwargs[name] for name in _INPUTS if name in kwargs)
+    return next((kwargs[name] for name in _INPUTS if name in kwargs), None)
 
 
 def _check(name: str, kept, x: torch.Tensor, call: int) -> None:
@@ -63,7 +64,7 @@ class Streams:
 
     def inputs(self, args, kwargs) -> tuple:
         if self.names is None:
-            return (_input(args, kwargs),)
+            return (model_input(args, kwargs),)
         return tuple(kwargs[n] if n in kwargs else args[i] for n, i in zip(self.names, self.positions))
 
     def minus(self, out, inputs: tuple):
@@ -107,11 +108,11 @@ class CallForward:
     """The denoiser's forward under a plan's call unit: reuse returns the kept output (`mode="output"`) or adds the
     kept residual to the fresh input (`"residual"`)."""
 
-    def __init__(self, original, tracker: StepTracker, cache: LayerCache, mode: str = "output"):
-        self.original, self.tracker, self.cache, self.mode = original, tracker, cache, mode
+    def __init__(self, original, tracker: StepTracker, cache: LayerCache):
+        self.original, self.tracker, self.cache = original, tracker, cache
 
     def __call__(self, *args, **kwargs):
-        action, x = self.tracker.now[-1], _input(args, kwargs)
+        action, x, self.mode = self.tracker.now[-1], model_input(args, kwargs), self.tracker.call_mode
         if action == REUSE:
             kept = self.cache.get(CALL, self.tracker.call).output
             _check("the call", kept, x, self.tracker.call)

@@ -36,8 +36,9 @@ def register(sub) -> None:
     what = gen.add_mutually_exclusive_group()
     what.add_argument("--plan", help="a plan JSON (attnreuse plan --out); default: the shipped plan for a budget of "
                                      "0.5 on the default model, HURRY with half the steps reused elsewhere")
-    what.add_argument("--budget", type=float, help="the default model's shipped plan for this budget (0.35, 0.5, "
-                                                   "0.7 or 0.85)")
+    what.add_argument("--budget", type=float, help="latency as a fraction of the full sampler's: the default model's "
+                                                   "shipped plan for it (0.35, 0.5, 0.7, 0.85), else a plan made at "
+                                                   "first use (the warm-up round calibrates; kept in the plan cache)")
     what.add_argument("--schedule", help="the paper's attention reuse: hurry:R (reuse the last R steps), hurry:N:R, "
                                          "a bit string, or a schedule JSON file")
     gen.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
@@ -91,20 +92,25 @@ def check_generate(args):
     checks.writable_file(args.output, "-o/--output", checks.IMAGE_SUFFIXES)
     if args.schedule or (args.model is not None and args.plan is None and args.budget is None):
         return checks.schedule(args.schedule or f"hurry:{args.steps // 2}", args.steps, args.sampler)
-    if args.budget is not None and args.model is not None:
-        raise UsageError("--budget picks a plan shipped for the default model; for another model search one with "
-                         "`attnreuse plan --model ... --budget B` and pass it with --plan.")
-    return checks.plan(args.plan or _shipped(args.sampler, 0.5 if args.budget is None else args.budget),
-                       args.steps, args.sampler)
+    if args.budget is not None:
+        if not 0 < args.budget <= 1:
+            raise UsageError(f"--budget must be a fraction of the full sampler's latency, above 0 and at most 1; "
+                             f"got {args.budget:g}.")
+        shipped_file = _shipped(args.model, args.sampler, args.steps, args.budget)
+        return {"budget": args.budget} if shipped_file is None else checks.plan(shipped_file, args.steps, args.sampler)
+    return checks.plan(args.plan or _shipped(None, args.sampler, 20, 0.5), args.steps, args.sampler)
 
 
-def _shipped(sampler: str, budget: float) -> str:
+def _shipped(model, sampler: str, steps: int, budget: float) -> str | None:
+    """The default model's shipped plan for this sampler, step count and budget (None: there is none)."""
     from ..search import shipped_plan
 
+    if model is not None:
+        return None
     try:
-        return str(shipped_plan("dpm++" if sampler == "dpm++" else "ddim", budget))
-    except FileNotFoundError as err:
-        raise UsageError(f"--budget {budget:g}: {err}") from None
+        return str(shipped_plan("dpm++" if sampler == "dpm++" else "ddim", budget, steps))
+    except FileNotFoundError:
+        return None
 
 
 def run_generate(args) -> int:
@@ -123,7 +129,7 @@ def run_generate(args) -> int:
     for _ in range(args.repeats + 1):  # the first round warms up both
         images["full"], seconds = timed(run, args.device)
         times["full"].append(seconds)
-        with apply_reuse(pipe, reuse) as handle:
+        with (apply_reuse(pipe, **reuse) if isinstance(reuse, dict) else apply_reuse(pipe, reuse)) as handle:
             images["reuse"], seconds = timed(run, args.device)
             ran = handle.stats()
         times["reuse"].append(seconds)
@@ -144,7 +150,11 @@ def run_generate(args) -> int:
 
 
 def _described(reuse, ran: dict) -> str:
-    """What ran: a schedule's bits (moved by timestep where it was made for another step count), or a plan."""
+    """What ran: a schedule's bits (moved by timestep where it was made for another step count), or a plan, and
+    for a plan made at first use where it came from."""
+    if isinstance(reuse, dict):
+        return (f"plan for a budget of {reuse['budget']:g} made at first use: {ran['plan']} (predicted latency "
+                f"{ran.get('predicted_latency', float('nan')):.3f}x; {ran['plan_source']})")
     if isinstance(reuse, Schedule):
         bits = Schedule(ran["schedule"])
         moved = f", moved from {reuse}" if bits != reuse else ""

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,10 +23,11 @@ from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import device_name, timed
 from ..plan import Plan, Unit
+from ..plan_cache import cache_root
 from ..reuse import apply_reuse
 from .levels import Levels
 
-__all__ = ["LatencyModel", "profile", "cache_root", "cached_profile", "measure_latency", "kind_plan", "first_call",
+__all__ = ["LatencyModel", "profile", "cached_profile", "measure_latency", "kind_plan", "first_call",
            "ATTENTION_ACTIONS"]
 
 ATTENTION_ACTIONS = ("compute", "store", "reuse")
@@ -189,11 +188,6 @@ def measure_latency(setup: GenerationSetup, plan: Plan, rounds: int = 5) -> dict
     full, planned = statistics.median(times["full"]), statistics.median(times["plan"])
     return {"ratio": planned / full, "full_s": full, "plan_s": planned, "rounds": rounds,
             "device": device_name(setup.device), "batch": len(setup.prompts), "times_s": times}
-
-
-def cache_root() -> Path:
-    """Where searches and profiles are kept: `$ATTNREUSE_CACHE`, default ~/.cache/attnreuse."""
-    return Path(os.environ.get("ATTNREUSE_CACHE") or Path.home() / ".cache" / "attnreuse")
 
 
 def cached_profile(setup: GenerationSetup, structure: Levels, kinds, repeats: int) -> tuple[LatencyModel, bool]:

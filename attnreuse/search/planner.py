@@ -19,31 +19,17 @@ from tqdm.auto import tqdm
 
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
+from ..refresh import refresh_program
 from .evaluator import Evaluator, candidate_key, read_state, write_state
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
 from .space import Candidate, neighbours, seeds
 
-__all__ = ["search_plan", "PlanSearch", "Shards", "refresh_program"]
+__all__ = ["search_plan", "PlanSearch", "Shards"]
 
 USEFUL = 0.9  # a branch depth whose calls cost more than this share of a plain call is left out of the search
 CHUNK = 48  # neighbours scored per batch: large enough to share prefixes, small enough to stop on time
 PROGRAMMED = 2  # the dynamic program runs for the cheapest levels only: it costs a trajectory per call
-
-
-def refresh_program(errors: list[list[float]], keys: int) -> tuple[int, ...]:
-    """The refresh calls (call 0 and at most `keys - 1` more) that minimise the summed error of the segments
-    between them, `errors[i][j]` being the error of reusing from refresh i until call j (j = len(errors): the
-    end): DPCache's dynamic program over key steps, O(n^2 keys)."""
-    n = len(errors)
-    best = {(0, 1): (0.0, (0,))}
-    for j in range(1, n):
-        for k in range(2, keys + 1):
-            options = [(best[(i, k - 1)][0] + errors[i][j], best[(i, k - 1)][1] + (j,))
-                       for i in range(j) if (i, k - 1) in best]
-            if options:
-                best[(j, k)] = min(options)
-    return min((value[0] + errors[last][n], value[1]) for (last, k), value in best.items())[1]
 
 
 class Shards:

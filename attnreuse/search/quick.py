@@ -7,7 +7,7 @@
    kept one substituted. The scheduler itself weighs an output error by how far it moves the final latent (any
    sampler, a multistep one's history included); only the scheduler runs, never the denoiser. (The unweighted
    change of the output between calls ranks refreshes far worse: issue 25's probe.)
-3. Program: DPCache's dynamic program (`planner.refresh_program`, Wang et al. 2026) picks the refresh calls, as
+3. Program: DPCache's dynamic program (`refresh.refresh_program`, Wang et al. 2026) picks the refresh calls, as
    many computed calls as the latency model allows within the budget.
 4. Verify: the programmed candidate of each reuse mode (output, and residual where the output is shaped like the
    input) runs for real, sharing prefixes; the best measured one is the plan. With a target PSNR instead of a
@@ -26,10 +26,10 @@ from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import timed
 from ..plan import Plan, Unit
+from ..refresh import refresh_program, segment_errors
 from .evaluator import Evaluator
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
-from .planner import refresh_program
 from .space import Candidate
 
 __all__ = ["quick_plan", "QuickSearch", "replay", "error_table", "refresh_count", "quick_latency"]
@@ -67,12 +67,7 @@ class _Replayed:
 def error_table(evaluator: Evaluator, residual: bool = False) -> list[list[float]]:
     """errors[i][j]: mean squared error of the final latents when calls i+1..j-1 reuse call i (j = n: the end)."""
     n = len(evaluator.reference.outputs)
-    final = evaluator.reference.states[n - 1][0]
-    errors = [[0.0] * (n + 1) for _ in range(n)]
-    for i in range(n - 1):
-        for j in range(i + 2, n + 1):
-            errors[i][j] = float(torch.mean((replay(evaluator, i, i, j, residual) - final).float() ** 2))
-    return errors
+    return segment_errors(n, evaluator.reference.states[n - 1][0], lambda i, j: replay(evaluator, i, i, j, residual))
 
 
 def refresh_count(latency: LatencyModel, n: int, budget: float, top: int) -> int:

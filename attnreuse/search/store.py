@@ -14,8 +14,9 @@ import torch
 from ..files import read_json
 from ..pipelines.sampling import GenerationSetup
 from ..plan import Schedule
+from ..plan_cache import cache_root
 from .evaluator import Evaluator, setup_key
-from .latency import LatencyModel, cache_root
+from .latency import LatencyModel
 from .phast import exhaustive, phast
 from .planner import search_plan
 from .quick import quick_plan

@@ -50,6 +50,18 @@ def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
     assert Image.open(out).size == Image.open(tmp_path / "circle.full.png").size == (64, 64)
 
 
+def test_generate_plans_a_model_without_a_shipped_plan_at_first_use(tmp_path, capsys, monkeypatch):
+    """--budget on a model that ships no plan: the warm-up round calibrates, the timed rounds read the plan back
+    from the cache."""
+    monkeypatch.setenv("ATTNREUSE_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "a red circle", "--model", "tiny-sd", "--steps", "8", "--budget", "0.9", "--repeats",
+                 "1", "--device", "cpu", "-o", str(tmp_path / "out.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "plan for a budget of 0.9 made at first use: call " in printed
+    assert f"cache: {tmp_path / 'cache'}" in printed
+    assert (tmp_path / "out.png").exists() and (tmp_path / "out.full.png").exists()
+
+
 def test_generate_rejects_a_bad_schedule(capsys):
     assert main(["generate", "a red circle", "--steps", "10", "--schedule", "hurry:10", "--device", "cpu"]) == 2
     assert "HURRY needs 0 <= reuse_steps < num_steps" in capsys.readouterr().err

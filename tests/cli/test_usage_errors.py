@@ -57,6 +57,8 @@ CASES = [
     (["eval", "--methods", "phast:4", "--calibration", "0"], "--calibration must be at least 1"),
     (["eval", "--count", "0"], "--count must be at least 1"),
     (["eval", "--out", "{tmp}/afile"], "a file is in the way"),
+    (["generate", "a red circle", "--budget", "1.5"], "--budget must be a fraction"),
+    (["generate", "a red circle", "--model", "tiny-sd", "--budget", "0"], "--budget must be a fraction"),
     # plan
     (["plan", "--budget", "0"], "--budget must be"),
     (["plan", "--budget", "1.5"], "at most 1, got 1.5"),

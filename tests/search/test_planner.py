@@ -8,9 +8,9 @@ import pytest
 from attnreuse import apply_reuse
 from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.pipelines.tiny import build_pipeline
+from attnreuse.refresh import refresh_program
 from attnreuse.search import Candidate, LatencyModel, Levels, search_plan
 from attnreuse.search.latency import kind_plan, profile
-from attnreuse.search.planner import refresh_program
 from attnreuse.search.space import fit, neighbours, seeds
 from attnreuse.state import REUSE, STORE
 
