@@ -3,29 +3,89 @@ results use."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_json", "read_json", "parse_json_input"]
+__all__ = ["atomic_write", "written_together", "write_json", "read_json", "parse_json_input"]
+
+_SET: contextvars.ContextVar[dict | None] = contextvars.ContextVar("attnreuse_written_together", default=None)
+
+
+@contextmanager
+def written_together():
+    """Files written (by `atomic_write`) inside the block form one set: each goes to a temporary file, and they
+    are renamed into place together when the block ends; a fault before or while renaming leaves every earlier file
+    of the set as it was (byte for byte) and none of the new ones."""
+    pending: dict[Path, Path] = {}
+    token = _SET.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp in pending.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _SET.reset(token)
+    _commit(pending)
+
+
+def _commit(pending: dict[Path, Path]) -> None:
+    """Rename each temporary file into place, keeping the file it replaces until all are in; on a fault put every
+    replaced file back and remove the new ones."""
+    kept, placed = {}, []
+    try:
+        for path, tmp in pending.items():
+            if path.exists():
+                kept[path] = path.with_name(f".{path.name}.{os.getpid()}.old")
+                os.replace(path, kept[path])
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path in pending:
+            if path not in placed:
+                pending[path].unlink(missing_ok=True)
+            if path in placed and path not in kept:
+                path.unlink(missing_ok=True)
+            if path in kept:
+                os.replace(kept.pop(path), path)
+        raise
+    for old in kept.values():
+        old.unlink(missing_ok=True)
 
 
 def atomic_write(path, write) -> Path:
     """`write(tmp)` writes a temporary file beside `path`, which is then renamed into place: an interruption or a
-    write fault never leaves a half-written file at `path`. The folder is made if needed."""
+    write fault never leaves a half-written file at `path`. The folder is made if needed. Inside
+    `written_together()`, the rename waits for the set's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result is as readable as any file the user writes
         write(Path(tmp))
-        os.replace(tmp, path)
+        pending = _SET.get()
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            if path in pending:
+                pending[path].unlink(missing_ok=True)
+            pending[path] = Path(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _finite(x):

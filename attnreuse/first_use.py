@@ -300,7 +300,9 @@ class FirstUse:
             logger.warning("attnreuse: %s; its recording is dropped.", why)
 
     def _key(self, num_calls: int, scheduler) -> dict:
-        """What a first-use plan holds for (`plan_cache`)."""
+        """What a first-use plan holds for (`plan_cache`). Not the resolution: a plan moved to twice the side kept
+        within 1 dB of one made there on both default models (docs/RESULTS.md §9); the step count, sampler,
+        guidance and batch did not always, so they stay in the key, as do the weights."""
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.model)
         sample, parameter = self._sample, next(self.model.parameters())
@@ -308,7 +310,7 @@ class FirstUse:
         return {"pipeline": type(self.pipe).__name__, "model": type(self.model).__name__,
                 "weights": self._fingerprint, "scheduler": type(scheduler).__name__, "scheduler_config": config,
                 "calls": num_calls, "guidance": getattr(self.pipe, "_guidance_scale", None),
-                "sample": list(sample.shape) if sample is not None else None, "dtype": str(parameter.dtype),
+                "batch": sample.shape[0] if sample is not None else None, "dtype": str(parameter.dtype),
                 "device": parameter.device.type, "budget": self.budget, "target_psnr": self.target_psnr,
                 "calibration": self.calibration}
 

@@ -1,9 +1,9 @@
 """Plans kept on disk, keyed by what makes a plan valid, so that the next process starts planned.
 
 A first-use plan (`first_use`) holds for one model's weights, one pipeline and sampler configuration, one number
-of calls, guidance scale, latent shape (resolution and batch), dtype, device kind and goal. The key says them all;
-the file name is its hash, and the file holds the key again: an entry whose key differs (a foreign or edited file)
-or that cannot be read is refused, and planned again.
+of calls, guidance scale, batch, dtype, device kind and goal, at any resolution (`FirstUse._key` says why). The
+key says them all; the file name is its hash, and the file holds the key again: an entry whose key differs (a
+foreign or edited file) or that cannot be read is refused, and planned again.
 """
 
 from __future__ import annotations

@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.35,0.5,0.7,0.85")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="docs/results/first_use")
+    parser.add_argument("--update", action="store_true", help="replace these rows of an earlier output, keep the rest "
+                                                              "(a row whose timing a busy machine spoiled)")
     args = parser.parse_args()
     pipe, results = load_default_pipeline(), []
     with tempfile.TemporaryDirectory() as folder:
@@ -91,7 +93,12 @@ def main() -> None:
                 print(markdown(results[-1:], "", "").splitlines()[-1], flush=True)
     device = device_name("cpu")
     command = "python scripts/first_use_quality.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if k != "out")
+        f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "update"))
+    if args.update:
+        earlier = read_json(Path(args.out).with_suffix(".json"))
+        fresh = {(r["sampler"], r["budget"]): r for r in results}
+        results = [fresh.pop((r["sampler"], r["budget"]), r) for r in earlier["results"]] + list(fresh.values())
+        command = f"{earlier['command']}, then {command} --update"
     write_json(Path(args.out).with_suffix(".json"), {"device": device, "command": command, "results": results})
     text = markdown(results, device, command)
     atomic_write(Path(args.out).with_suffix(".md"), lambda tmp: tmp.write_text(text))

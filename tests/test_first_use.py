@@ -245,3 +245,14 @@ def test_a_second_order_sampler_is_planned_per_call(sd_pipe):
         run(sd_pipe, steps=4)
         stats = handle.stats()
     assert stats["plan_source"] == "planned here at first use" and len(stats["plan"].split()[-1]) == 7
+
+
+def test_the_cache_follows_how_far_a_plan_carries(sd_pipe):
+    """Another resolution reuses the plan (it carried within 1 dB, RESULTS.md §9); another step count does not."""
+    with apply_reuse(sd_pipe, budget=0.9) as handle:
+        run(sd_pipe, steps=STEPS)
+        calls = Calls(sd_pipe)
+        run(sd_pipe, steps=STEPS, height=128, width=128)
+        assert handle.stats()["plan_source"] == "planned here at first use" and calls.count < STEPS
+        run(sd_pipe, steps=STEPS + 2)
+        assert handle.stats()["plan_source"].startswith("calibrating")

@@ -7,12 +7,11 @@ import time
 STARTED = time.perf_counter()  # for the "total" that `generate` prints (interpreter start-up not included)
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-# the libraries' notices about optional packages and their loading bars are not the command's output
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# the hub's download bars are not the command's output (notices are left out where they arise: pipelines.sampling)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from . import analyze, bench, default_model, evaluate, generate, plan, search  # noqa: E402
@@ -55,6 +54,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("attnreuse: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        print(f"attnreuse: error: no room left to write {err.filename or 'a result'} ({err.strerror}); nothing "
+              "half-written was left and earlier results are as they were.", file=sys.stderr)
+        return 1
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # every write is atomic (files.atomic_write): a fault leaves no part
 
 
 def _quiet_loading() -> None:

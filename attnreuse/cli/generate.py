@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..cli.pipeline import default_device, load_model, pipeline, shipped
 from ..eval.images import save_image
-from ..files import write_json
+from ..files import write_json, written_together
 from ..layers import denoiser
 from ..pipelines.sampling import SAMPLERS, generators, use_sampler
 from ..pipelines.timing import device_name, timed
@@ -135,8 +135,9 @@ def run_generate(args) -> int:
         times["reuse"].append(seconds)
     full_s, reuse_s = median(times["full"][1:]), median(times["reuse"][1:])
     full_path = args.output.rsplit(".", 1)[0] + ".full.png"
-    save_image(images["reuse"], args.output)
-    save_image(images["full"], full_path)
+    with written_together():  # the two images of one prompt, never one of them from an earlier run
+        save_image(images["reuse"], args.output)
+        save_image(images["full"], full_path)
     print(f"{args.prompt!r}: {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed}; "
           f"{device_name(args.device)}, median of {args.repeats} alternating runs after a warm-up")
     print(f"  no reuse {full_s:.3f} s -> {full_path}")
@@ -160,7 +161,8 @@ def _described(reuse, ran: dict) -> str:
         moved = f", moved from {reuse}" if bits != reuse else ""
         return f"schedule {bits} ({bits.num_reuse} reuse{moved})"
     budget = reuse.meta.get("budget")
-    return f"plan{f' for a budget of {budget:g}' if budget else ''}: {ran['plan']}"
+    moved = f", moved from {reuse} by timestep" if ran["plan"] != str(reuse) else ""
+    return f"plan{f' for a budget of {budget:g}' if budget else ''}: {ran['plan']}{moved}"
 
 
 def _check_faithfulness(image, prompt: str) -> None:

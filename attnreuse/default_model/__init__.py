@@ -70,16 +70,19 @@ def load_default_pipeline(path: str | Path | None = None, device: str | torch.de
     """A shipped default model, or a trained folder at `path`: a `StableDiffusionPipeline` (the UNet model: `path`
     None or "unet") or a `PixArtAlphaPipeline` ("dit", or a folder of one; called with `use_resolution_binning`
     and `clean_caption` off by default, so that `pipe("a red circle")` draws a 64x64 image)."""
-    from diffusers import StableDiffusionPipeline
+    from ..pipelines.sampling import quiet_image_processors
 
     folder = default_model_dir(path)
     if not (folder / "model_index.json").exists():
         raise _missing(folder)
     kind = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    if kind == "PixArtAlphaPipeline":
-        pipe = _pixart_class().from_pretrained(str(folder))
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                       requires_safety_checker=False)
+    with quiet_image_processors():  # importing a pipeline class imports its image processor
+        from diffusers import StableDiffusionPipeline
+
+        if kind == "PixArtAlphaPipeline":
+            pipe = _pixart_class().from_pretrained(str(folder))
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

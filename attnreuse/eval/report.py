@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import atomic_write, read_json, write_json
+from ..files import atomic_write, read_json, write_json, written_together
 from .methods import REGISTRY, family
 from .plots import method_grid, pareto_plot
 from .runner import MATCH_TOLERANCE, environment
@@ -44,8 +44,13 @@ def _matched(pairs: list[dict]) -> list[str]:
 
 
 def write_report(result: dict, out, settings: dict, pipe, prompts: list[str], columns: int = 6) -> dict:
-    """Write the report's four files into `out`; returns what `eval.json` holds."""
-    out = Path(out)
+    """Write the report's files into `out`, as one set (an earlier report there stays whole until the new one is
+    whole); returns what `eval.json` holds."""
+    with written_together():
+        return _write_report(result, Path(out), settings, pipe, prompts, columns)
+
+
+def _write_report(result: dict, out: Path, settings: dict, pipe, prompts: list[str], columns: int) -> dict:
     report = {"settings": settings, "environment": environment(pipe), "prompts": prompts,
               "rows": result["rows"], "matched": result["matched"]}
     write_json(out / "eval.json", report)

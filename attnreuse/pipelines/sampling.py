@@ -4,13 +4,15 @@ step by step (what the search scores and the bench times)."""
 from __future__ import annotations
 
 import copy
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 __all__ = ["SAMPLERS", "SD_SCHEDULER", "use_sampler", "load_pipeline", "generators", "generate", "GenerationSetup",
-           "denoise_step", "Sampling"]
+           "denoise_step", "Sampling", "quiet_image_processors"]
 
 
 # CLI names -> (diffusers scheduler class name, extra config)
@@ -40,11 +42,31 @@ def use_sampler(pipe, name: str):
     return pipe
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+@contextmanager
+def quiet_image_processors():
+    """While a pipeline loads: transformers' notice that an image processor (a pipeline's feature extractor, which
+    nothing here uses) falls back from torchvision to PIL is left out; every other message of transformers stays."""
+    import transformers.utils.import_utils  # noqa: F401  (its logger exists once imported)
+
+    target, notice = logging.getLogger("transformers.utils.import_utils"), _NoTorchvisionNotice()
+    target.addFilter(notice)
+    try:
+        yield
+    finally:
+        target.removeFilter(notice)
+
+
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a local folder or a hub id, on `device`, without a progress bar."""
-    from diffusers import DiffusionPipeline
+    with quiet_image_processors():  # importing a pipeline class imports its image processor
+        from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
