@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..cli.pipeline import add_model_options, check_model_options, pipeline, prompts, shipped
@@ -106,6 +107,11 @@ def run_eval(args) -> int:
     write_report(result, args.out, settings, pipe, evaluated)
     print((Path(args.out) / "eval.md").read_text())
     print(f"-> {args.out}/eval.json, eval.md, pareto.png, grid.png")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:  # the report holds the rest; the exit status says it is not whole
+        print(f"attnreuse: error: {len(failed)} method(s) could not run, the report says why: "
+              + "; ".join(f"{r['method']}: {r['error']}" for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 

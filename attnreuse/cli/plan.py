@@ -8,6 +8,7 @@ from ..cli.pipeline import add_model_options, check_model_options, pipeline, pro
 from ..default_model.splits import CALIBRATION
 from ..files import read_json
 from ..pipelines.sampling import GenerationSetup
+from ..pipelines.timing import device_name
 from . import checks
 from .checks import UsageError
 
@@ -41,7 +42,8 @@ def register(sub) -> None:
 
 
 def check_plan(args):
-    """Every argument of `plan`, before the model loads; returns the latency profile to reuse, if any."""
+    """Every argument of `plan`, before the model loads; returns the latency profile to reuse and the model it
+    timed (None, None: none given)."""
     check_model_options(args, args.calibration)
     if args.target_psnr is not None:
         checks.finite(args.target_psnr, "--target-psnr", above=0)
@@ -57,7 +59,7 @@ def check_plan(args):
     if args.state:
         checks.writable_file(args.state, "--state", (".json",))
     if not args.profile:
-        return None
+        return None, None
     from ..search import LatencyModel
 
     try:
@@ -65,7 +67,7 @@ def check_plan(args):
         if args.effort == "full" and meta.get("strategy") == "quick planner":
             raise UsageError(f"--profile {args.profile}: a quick plan times only a reused call; --effort full needs "
                              "a full search's profile (or none).")
-        return LatencyModel.from_dict(meta["latency_model"])
+        return LatencyModel.from_dict(meta["latency_model"]), meta.get("model")
     except (ValueError, KeyError, AttributeError, TypeError) as err:
         raise UsageError(f"--profile {args.profile}: not a plan with a latency profile ({err}).") from None
 
@@ -86,16 +88,38 @@ def _check_climb(args) -> None:
 
 def run_plan(args) -> int:
     """Search on one process, or spread the scoring over those `accelerate launch` or torchrun started."""
-    from ..search import quick_plan, search_plan
+    from ..search import PlanningError
     from ..search.planner import Shards
 
-    latency = check_plan(args)
+    latency, profiled = check_plan(args)
     shards = Shards.from_accelerate()
     pipe, guidance = pipeline(args)
     setup = GenerationSetup(pipe, prompts(args, args.calibration, seed=CALIBRATION), None, args.steps, guidance)
-    if latency is not None and latency.batch != 2 * len(setup.prompts):
-        raise UsageError(f"--profile was measured at batch {latency.batch}; this search runs batch "
-                         f"{2 * len(setup.prompts)} (twice --calibration).")
+    _check_profile(latency, profiled, setup, args.profile)
+    try:
+        return _planned(args, setup, latency, shards)
+    except PlanningError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_profile(latency, profiled: str | None, setup: GenerationSetup, path) -> None:
+    """A --profile times the calls of one model, device and batch: one of another is refused, saying what differs."""
+    if latency is None:
+        return
+    from ..search.evaluator import model_name
+
+    here = {"model": model_name(setup.pipe), "device": device_name(setup.device), "batch": 2 * len(setup.prompts)}
+    there = {"model": profiled or here["model"], "device": latency.device,
+             "batch": latency.batch}
+    differs = [f"{k} {there[k]!r} there, {here[k]!r} here" for k in here if there[k] != here[k]]
+    if differs:
+        raise UsageError(f"--profile {path} was timed for another setup ({'; '.join(differs)}); leave it out to "
+                         "time this one (batch is twice --calibration).")
+
+
+def _planned(args, setup: GenerationSetup, latency, shards) -> int:
+    from ..search import quick_plan, search_plan
+
     out = Path(args.out)
     if args.effort == "quick":
         plan = quick_plan(setup, args.budget, progress=True, measure=not args.no_measure, latency=latency,

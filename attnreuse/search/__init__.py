@@ -10,7 +10,7 @@ maximise. `store` keeps searches as files: searched schedules, cached PHAST sche
 the plans shipped with the default model.
 """
 
-from .evaluator import Evaluator
+from .evaluator import Evaluator, PlanningError
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
 from .phast import bit_flips, exhaustive, named_schedules, phast
@@ -19,6 +19,6 @@ from .quick import quick_plan
 from .space import Candidate
 from .store import cache_path, cached_phast, cached_plan, search_schedule, shipped_plan
 
-__all__ = ["Evaluator", "phast", "exhaustive", "bit_flips", "named_schedules", "search_schedule", "cached_phast",
-           "cache_path", "search_plan", "quick_plan", "cached_plan", "shipped_plan", "LatencyModel", "profile",
-           "measure_latency", "Candidate", "Levels"]
+__all__ = ["Evaluator", "PlanningError", "phast", "exhaustive", "bit_flips", "named_schedules", "search_schedule",
+           "cached_phast", "cache_path", "search_plan", "quick_plan", "cached_plan", "shipped_plan", "LatencyModel",
+           "profile", "measure_latency", "Candidate", "Levels"]

@@ -30,7 +30,13 @@ from ..reuse import apply_reuse
 from ..wrappers import sample_of
 from .utility import mean_psnr
 
-__all__ = ["Recording", "Evaluator", "model_name", "setup_key", "candidate_key", "read_state", "write_state"]
+__all__ = ["Recording", "Evaluator", "model_name", "setup_key", "candidate_key", "read_state", "write_state",
+           "PlanningError"]
+
+
+class PlanningError(ValueError):
+    """A search that cannot go on as asked (a budget below every plan, a state file that is damaged or from
+    another setup): said in one line, with what to do."""
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -63,11 +69,23 @@ def candidate_key(candidate) -> str:
 
 def read_state(path: Path, what: str, field: str) -> dict:
     """A search's state file (`write_state`'s), read back to resume: a JSON object whose `field` is an object."""
-    saved = read_json(path, what)
+    start_over = f"use another --state file or delete {path} to start over"
+    try:
+        saved = read_json(path, what)
+    except ValueError as err:
+        raise PlanningError(f"{str(err).rstrip('.')}: it is damaged; {start_over}.") from None
     if not isinstance(saved, dict) or not isinstance(saved.get(field), dict):
-        raise ValueError(f"{path} is not a {what} (no '{field}' object); use another --state file or delete {path} "
-                         "to start over.")
+        raise PlanningError(f"{path} is not a {what} (no '{field}' object); {start_over}.")
     return saved
+
+
+def check_setup(path: Path, saved: dict, key: dict) -> None:
+    """A state file resumes only the search it was written for: refused, naming what differs."""
+    if saved.get("setup") != key:
+        other = saved.get("setup") if isinstance(saved.get("setup"), dict) else {}
+        differs = [f"{k} {other.get(k)!r} there, {v!r} here" for k, v in key.items() if other.get(k) != v]
+        raise PlanningError(f"{path} was written for another search setup ({'; '.join(differs) or 'no setup'}); "
+                            f"use another --state file or delete {path} to start over.")
 
 
 def write_state(path: Path | None, setup: dict, **fields) -> None:
@@ -143,14 +161,12 @@ class Evaluator:
     def _resume(self) -> None:
         saved = read_state(self.state_file, "search state file", "utilities")
         start_over = f"use another --state file or delete {self.state_file} to start over"
-        if saved.get("setup") != self.key:
-            raise ValueError(f"{self.state_file} was written for another search setup: {saved.get('setup')}; "
-                             f"{start_over}.")
+        check_setup(self.state_file, saved, self.key)
         bad = [k for k, v in saved["utilities"].items()
                if not _known(k, self.setup.num_steps) or not isinstance(v, (int, float)) or isinstance(v, bool)
                or not math.isfinite(v)]
         if bad:
-            raise ValueError(f"{self.state_file}: field 'utilities' has invalid entries {bad[:3]}; {start_over}.")
+            raise PlanningError(f"{self.state_file}: field 'utilities' has invalid entries {bad[:3]}; {start_over}.")
         self.utilities = {k: float(v) for k, v in saved["utilities"].items()}
         self.calls, self.naive_calls = int(saved.get("calls", 0)), int(saved.get("naive_calls", 0))
 

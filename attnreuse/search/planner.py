@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..refresh import refresh_program
-from .evaluator import Evaluator, candidate_key, read_state, write_state
+from .evaluator import Evaluator, PlanningError, candidate_key, check_setup, read_state, setup_key, write_state
 from .latency import LatencyModel, measure_latency, profile
 from .levels import Levels
 from .space import Candidate, neighbours, seeds
@@ -68,7 +68,7 @@ class PlanSearch:
         self.state_file = Path(state_file) if state_file else None
         self.structure = Levels.of(denoiser(setup.pipe))
         self.top = self.structure.top
-        saved = self._load()
+        saved = self._load({**setup_key(setup), "budget": budget})
         if latency is None and self.shards.main:
             latency = LatencyModel.from_dict(saved["latency"]) if saved else profile(setup, self.structure,
                                                                                      progress=progress)
@@ -78,7 +78,7 @@ class PlanSearch:
         cheapest = Candidate((0,) + (self.top,) * (setup.num_steps - 1), (1,) * setup.num_steps,
                              structure=self.structure)
         if cheapest.cost(self.latency) > budget:
-            raise ValueError(f"a budget of {budget:g} is below the cheapest plan's predicted latency "
+            raise PlanningError(f"a budget of {budget:g} is below the cheapest plan's predicted latency "
                              f"({cheapest.cost(self.latency):.3f}: one computed call, the rest reused).")
         utilities = None if self.state_file is None else self.state_file.with_suffix(".utilities.json")
         self.evaluator = Evaluator(setup, state_file=utilities)
@@ -89,10 +89,13 @@ class PlanSearch:
     def key(self) -> dict:
         return {**self.evaluator.key, "budget": self.budget}
 
-    def _load(self) -> dict | None:
+    def _load(self, key: dict) -> dict | None:
+        """The state of this search saved earlier (its profile and history); one of another setup is refused."""
         if self.state_file is None or not self.state_file.exists():
             return None
-        return read_state(self.state_file, "plan search state file", "latency")
+        saved = read_state(self.state_file, "plan search state file", "latency")
+        check_setup(self.state_file, saved, key)
+        return saved
 
     def _save(self) -> None:
         write_state(self.state_file, self.key, latency=self.latency.to_dict(), history=self.history)

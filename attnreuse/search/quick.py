@@ -27,7 +27,7 @@ from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import timed
 from ..plan import Plan, Unit
 from ..refresh import refresh_program, segment_errors
-from .evaluator import Evaluator
+from .evaluator import Evaluator, PlanningError
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
 from .space import Candidate
@@ -76,7 +76,7 @@ def refresh_count(latency: LatencyModel, n: int, budget: float, top: int) -> int
     fits = [k for k in range(1, n + 1) if (latency.fixed + k + (n - k) * reused) / (latency.fixed + n) <= budget]
     if not fits:
         cheapest = (latency.fixed + 1 + (n - 1) * reused) / (latency.fixed + n)
-        raise ValueError(f"a budget of {budget:g} is below the cheapest plan's predicted latency ({cheapest:.3f}: "
+        raise PlanningError(f"a budget of {budget:g} is below the cheapest plan's predicted latency ({cheapest:.3f}: "
                          "one computed call, the rest reused).")
     return max(fits)
 

@@ -129,3 +129,46 @@ def test_generate_prints_the_schedule_that_ran(tmp_path, capsys):
                  "-o", str(tmp_path / "c.png")]) == 0
     printed = capsys.readouterr().out
     assert "schedule 11110000 (4 reuse, moved from 1100)" in printed  # nearest of DDIM's 876, 751, ..., 1
+
+
+def _one_error_line(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attnreuse")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+PLAN = ["plan", "--steps", "4", "--device", "cpu", "--no-measure", "--calibration", "1"]  # the default model
+
+
+def test_plan_refuses_a_budget_below_every_plan_in_one_line(tmp_path, capsys):
+    assert main(PLAN + ["--budget", "0.01", "--out", str(tmp_path / "p.json")]) == 2
+    assert "a budget of 0.01 is below the cheapest plan's predicted latency" in _one_error_line(capsys)
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("state, message", [
+    ('{"latency": ', "is damaged; use another --state file or delete"),
+    ('{"setup": {"model": "another", "num_inference_steps": 4}, "latency": {}}',
+     "was written for another search setup (model 'another' there, "),
+])
+def test_plan_refuses_a_damaged_or_foreign_state_file_in_one_line(tmp_path, capsys, state, message):
+    (tmp_path / "s.json").write_text(state)
+    assert main(PLAN + ["--budget", "0.9", "--effort", "full", "--sweeps", "0", "--state", str(tmp_path / "s.json"),
+                        "--out", str(tmp_path / "p.json")]) == 2
+    line = _one_error_line(capsys)
+    assert message in line and str(tmp_path / "s.json") in line
+    assert (tmp_path / "s.json").read_text() == state  # left for the user to look at
+
+
+def test_plan_refuses_a_profile_timed_for_another_setup(tmp_path, capsys):
+    profile = tmp_path / "quick.json"
+    assert main(PLAN + ["--budget", "0.9", "--out", str(profile)]) == 0
+    capsys.readouterr()
+    assert main(PLAN[:-1] + ["2", "--budget", "0.9", "--profile", str(profile), "--out",
+                             str(tmp_path / "p.json")]) == 2
+    assert "was timed for another setup (batch 2 there, 4 here)" in _one_error_line(capsys)
+    data = json.loads(profile.read_text())
+    data["meta"]["model"] = "another-model"
+    profile.write_text(json.dumps(data))
+    assert main(PLAN + ["--budget", "0.9", "--profile", str(profile), "--out", str(tmp_path / "p.json")]) == 2
+    assert "was timed for another setup (model 'another-model' there, " in _one_error_line(capsys)

@@ -34,7 +34,7 @@ def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys, clip_mod
     out = tmp_path / "eval"
     assert main(["eval", "--steps", "4", "--count", "2", "--repeats", "1", "--methods",
                  "full,steps:3,hurry:2,phast:2,fbc:0.05", "--calibration", "2", "--clip-model", str(clip_model),
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--out", str(out)]) == 1  # written whole, but one method could not run
     report = json.loads((out / "eval.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["full"]["latency_ratio"] == 1.0 and rows["full"]["psnr_db"] == 100.0
@@ -48,7 +48,9 @@ def test_eval_command_end_to_end_on_the_default_model(tmp_path, capsys, clip_mod
     for name in ("eval.md", "pareto.png", "grid.png"):
         assert (out / name).stat().st_size > 0
     markdown = (out / "eval.md").read_text()
-    assert "| fbc:0.05 | not run" in markdown and "Matched latency" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| fbc:0.05 | not run" in markdown and "Matched latency" in printed.out
+    assert "attnreuse: error: 1 method(s) could not run, the report says why: fbc:0.05: " in printed.err
     # phast:2 searched on captions that are not evaluated, and the report says which schedule it ran
     searched = Schedule.from_json(rows["phast:2"]["schedule_file"])
     assert rows["phast:2"]["schedule"] == "".join(map(str, searched.bits)) and rows["hurry:2"]["schedule"] == "1100"
