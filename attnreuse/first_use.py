@@ -291,7 +291,7 @@ class FirstUse:
 
     def close(self) -> None:
         """Reuse is removed: a recording in progress is dropped, its scheduler given back its own step."""
-        self._drop_recording("reuse was removed during a generation")
+        self._drop_recording("the generation being recorded did not finish before reuse was removed")
 
     def _drop_recording(self, why: str) -> None:
         if self.recording is not None:

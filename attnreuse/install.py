@@ -155,4 +155,21 @@ def _pipeline_loop(target, handle) -> list:
         return done
 
     return [_on_instance(target, _END_OF_CALL, free_then_end_of_call),
-            _on_instance(target, "progress_bar", lambda *a, **k: _LoopGuard(progress_bar(*a, **k), handle))]
+            _on_instance(target, "progress_bar", lambda *a, **k: _LoopGuard(progress_bar(*a, **k), handle)),
+            _serialised(target)]
+
+
+def _serialised(target):
+    """A patched pipeline runs one call at a time: a call from a second thread waits for the first to return (the
+    stock pipeline's calls share its scheduler too, but reuse also shares a cache). `__call__` is looked up on the
+    class, so the instance gets a subclass of its own class (same name) for as long as reuse is applied; the undo
+    gives it its class back."""
+    cls, lock = type(target), threading.RLock()  # re-entrant: a call from a callback meets the loop guard's error
+
+    def __call__(self, *args, **kwargs):
+        with lock:
+            return cls.__call__(self, *args, **kwargs)
+
+    target.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                    "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return lambda: setattr(target, "__class__", cls)

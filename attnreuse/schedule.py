@@ -74,8 +74,18 @@ def hurry_bits(num_steps: int, reuse_steps: int) -> tuple[int, ...]:
 
 def nearest_entries(recorded, timesteps) -> list[int]:
     """For each new timestep, the entry whose recorded timestep is nearest: how the paper moves a schedule between
-    DDIM and DPM-Solver++ (sec. 3.1)."""
-    return [min(range(len(recorded)), key=lambda i: abs(recorded[i] - float(t))) for t in timesteps]
+    DDIM and DPM-Solver++ (sec. 3.1). Timesteps on the 0-1 scale of flow matching meet ones on the 0-1000 scale
+    on the latter; timesteps that do not overlap the recorded ones at all are refused (nearest would be one end)."""
+    recorded, timesteps = [float(t) for t in recorded], [float(t) for t in timesteps]
+    if max(map(abs, recorded)) <= 1 < max(map(abs, timesteps)):
+        recorded = [t * 1000 for t in recorded]
+    elif max(map(abs, timesteps)) <= 1 < max(map(abs, recorded)):
+        timesteps = [t * 1000 for t in timesteps]
+    if max(timesteps) < min(recorded) or min(timesteps) > max(recorded):
+        raise ValueError(f"the plan's timesteps ({min(recorded):g} to {max(recorded):g}) and this run's "
+                         f"({min(timesteps):g} to {max(timesteps):g}) do not overlap, so the plan cannot be placed "
+                         "by timestep; make the plan for this sampler.")
+    return [min(range(len(recorded)), key=lambda i: abs(recorded[i] - t)) for t in timesteps]
 
 
 def expanded_entries(entries: int, num_calls: int, order: int = 1) -> list[int] | None:

@@ -134,6 +134,10 @@ class StepTracker:
                              f"again (timestep {t} after {self._last_t}) in the same generation; build the schedule "
                              "(or plan) for the number of denoiser calls, or pass scheduler= to apply.")
         started = finished or back_up
+        if back_up and not finished and not self._ended and self.actions:
+            logger.warning("attnreuse: a generation ended after %d of its plan's %d calls (the timestep went back up "
+                           "before the plan's end); build the plan for the loop's calls, or pass scheduler= to apply.",
+                           self.call + 1, len(self.actions))
         if started:
             self.start(self.plan)
         self._last_t = t

@@ -1,15 +1,19 @@
-"""Soak: many generations on the default model, alternating sizes, modes, schedules and injected faults, with the
-process's memory and the cache checked as they go. Not part of CI; `bash scripts/soak.sh` runs it."""
+"""Soak: many generations on the default model, alternating sizes, modes, schedules, planning at first use (its
+plan cache emptied every 50 generations, so it calibrates again) and injected faults, with the process's memory
+and the cache checked as they go. Not part of CI; `bash scripts/soak.sh` runs it."""
 
 import argparse
 import gc
+import os
 import random
+import shutil
+import tempfile
 import time
 
 import psutil
 import torch
 
-from attnreuse import Schedule, apply_attention_reuse
+from attnreuse import Schedule, apply_attention_reuse, apply_reuse
 from attnreuse.default_model import load_default_pipeline
 
 
@@ -33,6 +37,7 @@ def main() -> int:
     parser.add_argument("--json", default="runs/soak.json")
     args = parser.parse_args()
     torch.manual_seed(0)
+    os.environ["ATTNREUSE_CACHE"] = cache = tempfile.mkdtemp(prefix="attnreuse-soak-")
     pipe, process = load_default_pipeline(), psutil.Process()
     schedules, modes, sizes = _schedules(args.steps), ("map", "qk", "output", "auto"), (64, 32)
     rows, faults, start = [], 0, time.perf_counter()
@@ -45,7 +50,13 @@ def main() -> int:
                 raise Injected(f"generation {g}, step {i}")
             return kwargs
 
-        with apply_attention_reuse(pipe, schedule, mode=mode, max_cache_bytes=None if g % 5 else 2**20) as handle:
+        if g % 50 == 0:
+            shutil.rmtree(cache, ignore_errors=True)
+        if g % 4 == 0:  # planning at first use: calibrates, or follows its plan
+            applied = apply_reuse(pipe, budget=(0.5, 0.7)[(g // 4) % 2])
+        else:
+            applied = apply_attention_reuse(pipe, schedule, mode=mode, max_cache_bytes=None if g % 5 else 2**20)
+        with applied as handle:
             try:
                 pipe("a red circle left of a blue square", num_inference_steps=args.steps, height=size, width=size,
                      guidance_scale=4.5, generator=torch.Generator().manual_seed(g), output_type="np",
@@ -68,6 +79,7 @@ def main() -> int:
     from attnreuse.files import write_json
 
     write_json(args.json, {"steps": args.steps, "rows": rows, "rss_growth": growth, "verdict": verdict})
+    shutil.rmtree(cache, ignore_errors=True)
     return 0 if verdict == "flat" else 1
 
 

@@ -215,3 +215,18 @@ def test_a_branch_needs_a_unet(sd_pipe):
 
     with pytest.raises(ValueError, match="not a UNet whose branch can be reused"):
         apply_reuse(OneLayer(query_dim=8, heads=2, dim_head=4), Plan.deepcache(4, 2))
+
+
+def test_a_plan_moves_between_the_flow_matching_and_the_discrete_timestep_scales():
+    """A plan recorded on a flow-matching scheduler's 0-1 timesteps lands on 0-1000 ones where the same plan
+    recorded at 1000x would, and the other way round; timesteps that do not overlap at all are refused."""
+    bits = "1101001000"
+    flow = Plan.attention(bits, timesteps=[1 - i / 10 for i in range(10)])
+    discrete = Plan.attention(bits, timesteps=[1000 - 100 * i for i in range(10)])
+    run = [999 - 111 * i for i in range(9)]
+    assert flow.for_timesteps(run).units == discrete.for_timesteps(run).units
+    assert discrete.for_timesteps([t / 1000 for t in run]).units == discrete.for_timesteps(run).units
+    moved = flow.for_timesteps(run).units["attention"].bits
+    assert 0 in moved  # before, every new timestep went to the nearest end: the first entry, computing throughout
+    with pytest.raises(ValueError, match=r"do not overlap, so the plan cannot be placed"):
+        discrete.for_timesteps([5000, 4000])

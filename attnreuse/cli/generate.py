@@ -15,6 +15,7 @@ from ..layers import denoiser
 from ..pipelines.sampling import SAMPLERS, generators, use_sampler
 from ..pipelines.timing import device_name, timed
 from ..plan import Schedule
+from ..plan_cache import weights_fingerprint
 from ..reuse import apply_reuse
 from ..search.utility import psnr
 from . import checks
@@ -118,6 +119,7 @@ def run_generate(args) -> int:
     alternating timed runs; the median times, their ratio and the PSNR between the images."""
     reuse = check_generate(args)
     pipe, guidance = pipeline(args)
+    _check_against(reuse, pipe, args)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np")
     if args.size:
         kwargs.update(height=args.size, width=args.size)
@@ -148,6 +150,22 @@ def run_generate(args) -> int:
         _check_faithfulness(images["reuse"], args.prompt)
     print(f"  total {time.perf_counter() - args.started:.1f} s (imports, loading and all generations)")
     return 0
+
+
+def _check_against(reuse, pipe, args) -> None:
+    """The plan or schedule placed on this pipeline before anything is generated: one made for other weights (its
+    meta's fingerprint) or naming layers this model lacks is refused in one line."""
+    if isinstance(reuse, dict):
+        return  # planned at first use, for this pipeline
+    what = f"--plan {args.plan}" if args.plan else f"--schedule {args.schedule}" if args.schedule else "the plan"
+    made_for = reuse.meta.get("weights")
+    if made_for is not None and made_for != weights_fingerprint(denoiser(pipe)):
+        raise UsageError(f"{what} was made for other weights than this model's (its meta's fingerprint differs); "
+                         "plan this model with `attnreuse plan`, or use --budget to plan it at first use.")
+    try:
+        apply_reuse(pipe, reuse).remove()
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{what}: {err}") from None
 
 
 def _described(reuse, ran: dict) -> str:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
+from ..plan_cache import weights_fingerprint
 from ..refresh import refresh_program
 from .evaluator import Evaluator, PlanningError, candidate_key, check_setup, read_state, setup_key, write_state
 from .latency import LatencyModel, measure_latency, profile
@@ -189,7 +190,7 @@ def search_plan(setup: GenerationSetup, budget: float, state_file=None, progress
     search._bar.close()
     plan = best.plan(complete=False).at_timesteps(search.evaluator.timesteps.tolist())
     meta = {**search.key, "device_type": torch.device(setup.device).type,
-            "strategy": "planner", "psnr_db": utility,
+            "weights": weights_fingerprint(denoiser(setup.pipe)), "strategy": "planner", "psnr_db": utility,
             "predicted_latency": best.cost(search.latency), "latency_model": search.latency.to_dict(),
             "best_seed_psnr_db": best_seed[0], "best_dp_psnr_db": best_dp[0],
             "dp_beat_seeds": best_dp[0] > best_seed[0], "climb_gain_db": utility - start[0],

@@ -26,13 +26,15 @@ from ..layers import denoiser
 from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import timed
 from ..plan import Plan, Unit
-from ..refresh import refresh_program, segment_errors
+from ..plan_cache import weights_fingerprint
+from ..refresh import latent_psnr, refresh_program, segment_errors
 from .evaluator import Evaluator, PlanningError
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
 from .space import Candidate
 
-__all__ = ["quick_plan", "QuickSearch", "replay", "error_table", "refresh_count", "quick_latency"]
+__all__ = ["quick_plan", "QuickSearch", "replay", "replay_sources", "predicted_psnr", "error_table", "refresh_count",
+           "quick_latency"]
 
 PROFILE_REPEATS = 3  # paired timings of a reused call: it costs little, so few are needed
 
@@ -42,15 +44,31 @@ def replay(evaluator: Evaluator, start: int, kept: int, until: int, residual: bo
     """The final latents when calls start+1 .. until-1 return call `kept`'s recorded output (or, with `residual`,
     its output minus its input plus their own input) and every other call its recorded output; from the
     reference state after call `start`."""
+    n = len(evaluator.reference.outputs)
+    return replay_sources(evaluator, [kept if start < c < until else c for c in range(n)], start, residual)
+
+
+@torch.no_grad()
+def replay_sources(evaluator: Evaluator, sources: list[int], start: int = -1, residual: bool = False):
+    """The final latents when, from the reference state after call `start`, call c returns call `sources[c]`'s
+    recorded output (its residual on c's own input where the source is another call and `residual`)."""
     reference, sampling = evaluator.reference, evaluator.sampling
     latents, scheduler = reference.states[start] if start >= 0 else sampling.start
     scheduler = copy.deepcopy(scheduler)
     for c in range(start + 1, len(reference.outputs)):
-        reused = start < c < until
-        output = reference.outputs[kept if reused else c]
-        base = reference.inputs[kept] if reused and residual else None
+        output = reference.outputs[sources[c]]
+        base = reference.inputs[sources[c]] if residual and sources[c] != c else None
         latents = sampling.step(_Replayed(output, base), scheduler, latents, evaluator.timesteps[c])
     return latents
+
+
+def predicted_psnr(evaluator: Evaluator, refreshes: tuple[int, ...], residual: bool) -> float:
+    """The latent PSNR the plan computing only at `refreshes` keeps, replayed (first order: no denoiser runs)."""
+    sources, last = [], 0
+    for c in range(len(evaluator.reference.outputs)):
+        last = c if c in refreshes else last
+        sources.append(last)
+    return latent_psnr(replay_sources(evaluator, sources, -1, residual), evaluator.reference.states[-1][0])
 
 
 class _Replayed:
@@ -123,7 +141,8 @@ def quick_plan(setup: GenerationSetup, budget: float | None = None, progress: bo
     n, evaluator = setup.num_steps, search.evaluator
     plan = _call_plan(found[best]).at_timesteps(evaluator.timesteps.tolist())
     meta = {**evaluator.key, "budget": budget, "target_psnr_db": target_psnr,
-            "device_type": torch.device(setup.device).type, "strategy": "quick planner", "psnr_db": utilities[best],
+            "device_type": torch.device(setup.device).type, "weights": weights_fingerprint(model),
+            "strategy": "quick planner", "psnr_db": utilities[best],
             "predicted_latency": found[best].cost(search.latency), "latency_model": search.latency.to_dict(),
             "candidates": len(search.tried), "candidate_psnr_db": utilities, "refreshes": keys,
             "profile_cached": search.cached, "denoiser_calls": computed.calls, "full_runs": computed.calls / n,
@@ -148,12 +167,13 @@ class QuickSearch:
         self.tables = {mode: error_table(evaluator, residual=mode == "residual") for mode in modes}
         self.tried: dict = {}
 
-    def verified(self, keys: int) -> tuple[list[Candidate], list[float]]:
-        """The programmed candidate of each mode with `keys` refreshes, and their verified utilities."""
+    def verified(self, keys: int, modes=None) -> tuple[list[Candidate], list[float]]:
+        """The programmed candidate of each mode (of `modes`, default all) with `keys` refreshes, and their verified
+        utilities (a candidate verified before costs nothing again)."""
         n, top = self.setup.num_steps, self.structure.top
         found = []
-        for mode, errors in self.tables.items():
-            chosen = refresh_program(errors, keys)
+        for mode in modes or self.tables:
+            chosen = refresh_program(self.tables[mode], keys)
             found.append(Candidate(tuple(0 if c in chosen else top for c in range(n)), (1,) * n, mode,
                                    self.structure))
         utilities = self.evaluator([_call_plan(c) for c in found])
@@ -161,16 +181,21 @@ class QuickSearch:
         return found, utilities
 
     def fewest_refreshes(self, target: float) -> int:
-        """The fewest refreshes whose best verified candidate reaches `target` dB (all of them, the full sampler,
-        always does)."""
+        """The fewest refreshes whose verified candidate reaches `target` dB (all of them, the full sampler, always
+        does): a bisection that verifies, at each count it tries, only the mode whose replay predicts more."""
         low, high = 1, self.setup.num_steps
         while low < high:
             middle = (low + high) // 2
-            if max(self.verified(middle)[1]) >= target:
+            if max(self.verified(middle, [self._likelier(middle)])[1]) >= target:
                 high = middle
             else:
                 low = middle + 1
         return high
+
+    def _likelier(self, keys: int) -> str:
+        """The mode whose programmed candidate with `keys` refreshes the replay predicts to keep more."""
+        return max(self.tables, key=lambda mode: predicted_psnr(
+            self.evaluator, refresh_program(self.tables[mode], keys), mode == "residual"))
 
 
 class _Computed:

@@ -172,3 +172,22 @@ def test_plan_refuses_a_profile_timed_for_another_setup(tmp_path, capsys):
     profile.write_text(json.dumps(data))
     assert main(PLAN + ["--budget", "0.9", "--profile", str(profile), "--out", str(tmp_path / "p.json")]) == 2
     assert "was timed for another setup (model 'another-model' there, " in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"units": {"attention": {"kind": "attention", "bits": "1" * 19 + "0", "layers": ["no.such.layer"]}}},
+     "no.such.layer"),
+    ({"units": {"call": {"kind": "call", "bits": "1" * 19 + "0"}}, "meta": {"weights": "0" * 40}},
+     "was made for other weights than this model's"),
+])
+def test_generate_checks_a_plan_against_the_model_before_generating(tmp_path, capsys, monkeypatch, plan, message):
+    import attnreuse.cli.generate as generate
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "attnreuse-plan", "version": 1, **plan}))
+    monkeypatch.setattr(generate, "timed", lambda *a: pytest.fail("generated before the plan was checked"))
+    assert main(["generate", "a red circle", "--plan", str(path), "--device", "cpu", "-o",
+                 str(tmp_path / "o.png")]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"attnreuse: error: --plan {path}") and message in line
+    assert not list(tmp_path.glob("*.png"))

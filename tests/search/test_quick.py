@@ -7,7 +7,7 @@ import torch
 from attnreuse import Plan, Unit, apply_reuse
 from attnreuse.pipelines.sampling import GenerationSetup, use_sampler
 from attnreuse.search import Evaluator, LatencyModel, quick_plan
-from attnreuse.search.quick import error_table, refresh_count, replay
+from attnreuse.search.quick import error_table, predicted_psnr, refresh_count, replay
 
 STEPS = 6
 PROMPTS = ["a red circle", "a blue square"]
@@ -36,6 +36,15 @@ def test_a_replayed_tail_is_the_real_plan_that_reuses_the_whole_call(evaluator, 
         real = evaluator.trajectory(Plan({"call": Unit("call", bits, mode)}))[-1]
         torch.testing.assert_close(replay(evaluator, i, i, STEPS, residual=mode == "residual"), real,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_plans_predicted_psnr_is_its_replay(evaluator):
+    """Every call computed: the reference itself; a plan reusing one tail: the PSNR of that tail's replay."""
+    assert predicted_psnr(evaluator, tuple(range(STEPS)), False) == float("inf")
+    final = evaluator.reference.states[-1][0]
+    tail = replay(evaluator, 2, 2, STEPS)
+    expected = 10 * torch.log10((final.max() - final.min()) ** 2 / torch.mean((tail - final) ** 2)).item()
+    assert predicted_psnr(evaluator, (0, 1, 2), False) == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_error_table_grows_with_the_segment(evaluator):
