@@ -76,6 +76,11 @@ def atomic_write(path, write) -> Path:
             if path in pending:
                 pending[path].unlink(missing_ok=True)
             pending[path] = Path(tmp)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename in (None, tmp):  # name the file the user asked for, not our temporary one
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

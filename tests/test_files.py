@@ -43,6 +43,19 @@ def test_a_set_is_all_new_or_all_old_after_a_fault_on_any_rename(tmp_path, monke
     assert _contents(tmp_path) == before  # byte for byte, no temporary or kept file left
 
 
+def test_a_full_disk_names_the_file_asked_for_and_leaves_no_temporary_file(tmp_path, capsys):
+    (tmp_path / "r.json").write_text("old")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(tmp_path / "r.json", full)
+    assert raised.value.filename == str(tmp_path / "r.json") and raised.value.errno == 28
+    assert _contents(tmp_path) == {"r.json": b"old"}
+
+
 def test_a_fault_while_writing_a_set_leaves_the_old_one(tmp_path):
     (tmp_path / "a.json").write_text("old")
     with pytest.raises(RuntimeError):
