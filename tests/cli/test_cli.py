@@ -191,3 +191,11 @@ def test_generate_checks_a_plan_against_the_model_before_generating(tmp_path, ca
     line = _one_error_line(capsys)
     assert line.startswith(f"attnreuse: error: --plan {path}") and message in line
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_generate_prints_the_plan_it_applied_when_it_was_moved(tmp_path, capsys):
+    """The shipped plan for 20 steps, run at 4: what ran is printed, and that it was moved."""
+    assert main(["generate", "a red circle", "--steps", "4", "--repeats", "1", "--device", "cpu", "-o",
+                 str(tmp_path / "o.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "plan for a budget of 0.5: call " in printed and ", moved from call " in printed
