@@ -38,9 +38,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     LoRA fused in) give another fingerprint without reading every weight of a large model."""
     digest = hashlib.sha1()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        head = tensor.detach().reshape(-1)[:SAMPLED].to("cpu", torch.float64)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode() + head.numpy().tobytes())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode() + _head(tensor))
     return digest.hexdigest()
+
+
+def _head(tensor: torch.Tensor) -> bytes:
+    """The first values' bytes; none for a tensor whose values are not here (offloaded to the meta device)."""
+    if tensor.is_meta:
+        return b""
+    return tensor.detach().reshape(-1)[:SAMPLED].to("cpu", torch.float64).numpy().tobytes()
 
 
 def entry_path(key: dict) -> Path:
@@ -69,4 +75,5 @@ def read_entry(path: Path, key: dict) -> Plan | None:
 
 def write_entry(path: Path, key: dict, plan: Plan) -> Path:
     """Keep `plan` for `key` at `path` (written whole, or not at all)."""
+    key = json.loads(json.dumps(key, default=str))  # a scheduler's config may hold values JSON does not
     return write_json(path, {"format": FORMAT, "version": 1, "key": key, "plan": plan.to_dict()})
