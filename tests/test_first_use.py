@@ -256,3 +256,18 @@ def test_the_cache_follows_how_far_a_plan_carries(sd_pipe):
         assert handle.stats()["plan_source"] == "planned here at first use" and calls.count < STEPS
         run(sd_pipe, steps=STEPS + 2)
         assert handle.stats()["plan_source"].startswith("calibrating")
+
+
+@pytest.mark.parametrize("arch", ["tiny-flux", "tiny-sd3"])
+def test_first_use_plans_flow_matching_transformers(arch):
+    """Recording at the scheduler needs nothing of the model's family: Flux (packed latents) and SD3 calibrate on
+    their stock image and are planned after."""
+    from attnreuse.pipelines.tiny import build_pipeline
+
+    pipe = build_pipeline(arch, seed=0)
+    stock = run(pipe, steps=STEPS)
+    with apply_reuse(pipe, target_psnr=30) as handle:
+        assert np.array_equal(run(pipe, steps=STEPS), stock)
+        run(pipe, steps=STEPS)
+        stats = handle.stats()
+    assert stats["plan_source"] == "planned here at first use" and stats["predicted_latent_psnr_db"] >= 30
