@@ -65,8 +65,15 @@ def load_model(model: str | None, device: str, dtype: torch.dtype = torch.float3
 
 def pipeline(args):
     """The pipeline of `--model` with `--sampler`, and the guidance scale: `--guidance`, else the default model's
-    documented scale, else 7.5."""
-    pipe = use_sampler(load_model(args.model, args.device), args.sampler)
+    documented scale, else 7.5. A flow-matching pipeline (SD3, Flux, Wan) keeps its own scheduler: the samplers
+    by name are discrete-time ones, which its call cannot drive (it passes sigmas)."""
+    pipe = load_model(args.model, args.device)
+    if "FlowMatch" in type(pipe.scheduler).__name__:
+        if args.sampler != "ddim":  # the default, which leaves such a pipeline's own scheduler in place
+            raise UsageError(f"--sampler {args.sampler}: {args.model} samples by flow matching "
+                             f"({type(pipe.scheduler).__name__}); leave --sampler out to use it.")
+    else:
+        pipe = use_sampler(pipe, args.sampler)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE if shipped(args.model) else 7.5
     return pipe, guidance
 

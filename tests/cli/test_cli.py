@@ -50,16 +50,22 @@ def test_generate_on_the_default_model_writes_both_images(tmp_path, capsys):
     assert Image.open(out).size == Image.open(tmp_path / "circle.full.png").size == (64, 64)
 
 
-def test_generate_plans_a_model_without_a_shipped_plan_at_first_use(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])  # Flux keeps its own flow-matching scheduler
+def test_generate_plans_a_model_without_a_shipped_plan_at_first_use(tmp_path, capsys, monkeypatch, model):
     """--budget on a model that ships no plan: the warm-up round calibrates, the timed rounds read the plan back
     from the cache."""
     monkeypatch.setenv("ATTNREUSE_CACHE", str(tmp_path / "cache"))
-    assert main(["generate", "a red circle", "--model", "tiny-sd", "--steps", "8", "--budget", "0.9", "--repeats",
+    assert main(["generate", "a red circle", "--model", model, "--steps", "8", "--budget", "0.9", "--repeats",
                  "1", "--device", "cpu", "-o", str(tmp_path / "out.png")]) == 0
     printed = capsys.readouterr().out
     assert "plan for a budget of 0.9 made at first use: call " in printed
     assert f"cache: {tmp_path / 'cache'}" in printed
     assert (tmp_path / "out.png").exists() and (tmp_path / "out.full.png").exists()
+
+
+def test_a_flow_matching_model_refuses_a_discrete_sampler(capsys):
+    assert main(["generate", "a red circle", "--model", "tiny-flux", "--sampler", "dpm++", "--device", "cpu"]) == 2
+    assert "samples by flow matching (FlowMatchEulerDiscreteScheduler); leave --sampler out" in _one_error_line(capsys)
 
 
 def test_generate_rejects_a_bad_schedule(capsys):
