@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sweeps", type=int, default=30, help="the full search's most hill-climb sweeps")
     parser.add_argument("--out", default="docs/results/quick_planner_transformers")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a termination still removes the temporary folders
     started, load_before = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="attnreuse-cache-") as cache, tempfile.TemporaryDirectory() as folder:
         os.environ["ATTNREUSE_CACHE"] = cache  # before anything is planned: no profile cached elsewhere is used
