@@ -26,7 +26,7 @@ import torch
 
 from .plan import Plan, Unit
 from .plan_cache import entry_path, read_entry, weights_fingerprint, write_entry
-from .refresh import latent_psnr, refresh_program, segment_errors
+from .refresh import latent_psnr, refresh_program, refresh_sources, segment_errors
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ class Recording:
 
     def plan_psnr(self, refreshes: tuple[int, ...], residual: bool) -> float:
         """The latent PSNR the plan computing only at `refreshes` is predicted to keep (replayed)."""
-        sources, last = [], 0
-        for c in range(len(self.outputs)):
-            last = c if c in refreshes else last
-            sources.append(last)
-        return latent_psnr(self.rollout(sources, 0, residual), self.final)
+        return latent_psnr(self.rollout(refresh_sources(len(self.outputs), refreshes), 0, residual), self.final)
 
     @property
     def residual_ok(self) -> bool:
@@ -167,8 +163,10 @@ def plan_from_recordings(recordings: list[Recording], budget: float | None, targ
                              f"({latency(1):.3f}: one computed call) on this pipeline.")
         psnr, residual, chosen = best(keys)
     else:
-        keys = next(k for k in range(1, n + 1) if k == n or best(k)[0] >= target_psnr)
-        psnr, residual, chosen = best(keys)
+        for keys in range(1, n + 1):  # the fewest refreshes that keep the target (all of them always do)
+            psnr, residual, chosen = best(keys)
+            if psnr >= target_psnr:
+                break
     bits = tuple(int(c in chosen) for c in range(n))
     meta = {"strategy": "first use", "budget": budget, "target_psnr_db": target_psnr, "refreshes": len(chosen),
             "predicted_latency": latency(len(chosen)), "predicted_latent_psnr_db": psnr,
@@ -195,6 +193,7 @@ class FirstUse:
         self._fingerprint: str | None = None
         self._sample: torch.Tensor | None = None
         self._call_started = self._clock = self._path = None
+        self._first_call = True  # the next denoiser call is a generation's first
         self.timing: dict = {}  # per setup: seconds of whole generations, full (calibrating) and planned
 
     def bound(self, model) -> FirstUse:
@@ -206,11 +205,17 @@ class FirstUse:
     def call_started(self) -> None:
         """A pipeline call begins (its `check_inputs`): the clock of the whole generation starts."""
         self._call_started = time.perf_counter()
+        self._first_call = True
 
     def before_denoiser(self, sample) -> None:
+        """Every denoiser call: its input (the key's batch, a residual's replay); its clock only where it may be
+        recorded (a generation's first call, whose plan is picked inside it, and a recorded generation's calls),
+        so a planned generation's calls wait for no device sync."""
         self._sample = sample
-        self._sync()
-        self._clock = time.perf_counter()
+        if self.recording is not None or self._first_call:
+            self._first_call = False
+            self._sync()
+            self._clock = time.perf_counter()
 
     def after_denoiser(self) -> None:
         if self.recording is not None and self._clock is not None:
@@ -222,9 +227,10 @@ class FirstUse:
         has one (made here or read from the cache), else the full sampler while this generation is recorded."""
         self._drop_recording("a generation was interrupted before it ended")
         key = self._key(len(timesteps), scheduler)
-        path = str(entry_path(key))
+        entry = entry_path(key)
+        path = str(entry)
         if path not in self.plans and self.cache:
-            cached = read_entry(entry_path(key), key)
+            cached = read_entry(entry, key)
             if cached is not None:
                 self.plans[path] = (cached, f"cache: {path}")
         self._path, self._key_now = path, key
@@ -244,8 +250,8 @@ class FirstUse:
         once it has `calibration` of them; a planned generation's time is kept for `stats`."""
         now = time.perf_counter()
         seconds = None if self._call_started is None else now - self._call_started
-        self._call_started = None
-        timing = self.timing.setdefault(getattr(self, "_path", None), {"full": [], "planned": []})
+        self._call_started, self._first_call = None, True
+        timing = self.timing.setdefault(self._path, {"full": [], "planned": []})
         if self.recording is None:
             if seconds is not None and self._path in self.plans:
                 timing["planned"].append(seconds)
@@ -281,7 +287,7 @@ class FirstUse:
             write_entry(Path(self._path), self._key_now, plan)
 
     def stats(self) -> dict:
-        timing = self.timing.get(getattr(self, "_path", None), {})
+        timing = self.timing.get(self._path, {})
         measured = {}
         if timing.get("full") and timing.get("planned"):
             measured = {"measured_latency": statistics.median(timing["planned"]) / statistics.median(timing["full"]),

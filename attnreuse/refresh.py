@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["refresh_program", "segment_errors", "latent_psnr"]
+__all__ = ["refresh_program", "refresh_sources", "segment_errors", "latent_psnr"]
 
 
 def refresh_program(errors: list[list[float]], keys: int) -> tuple[int, ...]:
@@ -28,6 +28,16 @@ def refresh_program(errors: list[list[float]], keys: int) -> tuple[int, ...]:
             if options:
                 best[(j, k)] = min(options)
     return min((value[0] + errors[last][n], value[1]) for (last, k), value in best.items())[1]
+
+
+def refresh_sources(n: int, refreshes) -> list[int]:
+    """For each of `n` calls, the call whose output it uses when only `refreshes` compute (call 0 always does):
+    itself at a refresh, else the last refresh before it."""
+    sources, last = [], 0
+    for c in range(n):
+        last = c if c in refreshes else last
+        sources.append(last)
+    return sources
 
 
 def segment_errors(n: int, final: torch.Tensor, replay: Callable[[int, int], torch.Tensor]) -> list[list[float]]:

@@ -27,7 +27,7 @@ from ..pipelines.sampling import GenerationSetup
 from ..pipelines.timing import timed
 from ..plan import Plan, Unit
 from ..plan_cache import weights_fingerprint
-from ..refresh import latent_psnr, refresh_program, segment_errors
+from ..refresh import latent_psnr, refresh_program, refresh_sources, segment_errors
 from .evaluator import Evaluator, PlanningError
 from .latency import LatencyModel, cached_profile, measure_latency
 from .levels import Levels
@@ -64,10 +64,7 @@ def replay_sources(evaluator: Evaluator, sources: list[int], start: int = -1, re
 
 def predicted_psnr(evaluator: Evaluator, refreshes: tuple[int, ...], residual: bool) -> float:
     """The latent PSNR the plan computing only at `refreshes` keeps, replayed (first order: no denoiser runs)."""
-    sources, last = [], 0
-    for c in range(len(evaluator.reference.outputs)):
-        last = c if c in refreshes else last
-        sources.append(last)
+    sources = refresh_sources(len(evaluator.reference.outputs), refreshes)
     return latent_psnr(replay_sources(evaluator, sources, -1, residual), evaluator.reference.states[-1][0])
 
 

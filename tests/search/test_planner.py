@@ -8,7 +8,7 @@ import pytest
 from attnreuse import apply_reuse
 from attnreuse.pipelines.sampling import GenerationSetup
 from attnreuse.pipelines.tiny import build_pipeline
-from attnreuse.refresh import refresh_program
+from attnreuse.refresh import refresh_program, refresh_sources
 from attnreuse.search import Candidate, LatencyModel, Levels, search_plan
 from attnreuse.search.latency import kind_plan, profile
 from attnreuse.search.space import fit, neighbours, seeds
@@ -154,3 +154,8 @@ def test_shipped_plans_are_found_for_the_setup_they_were_searched_for():
     use_sampler(pipe, "ddim")
     setup = GenerationSetup(pipe, captions(8, CALIBRATION), None, 20, DEFAULT_GUIDANCE)
     assert cached_plan(setup, 0.5) == shipped_plan("ddim", 0.5)
+
+
+def test_each_call_uses_the_last_refresh_before_it():
+    assert refresh_sources(6, (0, 2, 5)) == [0, 0, 2, 2, 2, 5]
+    assert refresh_sources(3, (0, 1, 2)) == [0, 1, 2]
